@@ -1,0 +1,1 @@
+"""blockferry's runtime: process server, applier, agent and the tools around them."""
