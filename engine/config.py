@@ -23,6 +23,16 @@ class ConfigError(Exception):
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_unset(cls, data: Any) -> Any:
+        # TOML has no null: `dir = ""` on a setting whose default is None means "not set, derive it",
+        # not Path("") == Path(".") (the working directory).
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items()
+                    if not (v == "" and k in cls.model_fields and cls.model_fields[k].default is None)}
+        return data
+
 
 class ServerConfig(_Section):
     listen: str = Field("127.0.0.1", description="Address the agent port binds to (0.0.0.0 for all interfaces).")
@@ -165,9 +175,11 @@ def load_config(path: Path | str | None) -> Config:
         return Config()
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such configuration file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read configuration file: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return parse_config(data, str(path))

@@ -1,0 +1,350 @@
+"""The process server's data path, without sockets: batch → seal → spool → upload.
+
+Modelled on aiokafka's message accumulator: per-disk batches; a batch is cut at
+``batch.max_bytes``, after ``batch.linger_ms`` or at a tag; sealing (lz4 then
+AES-256-GCM) and the spool fsync run in a thread pool; acknowledgements follow
+durability strictly in sequence order per disk. Memory is bounded by
+``pipeline.max_inflight_bytes`` and the spool by ``spool.max_bytes``: when
+either is reached the pipeline asks its flow listeners (agent connections) to
+stop reading until it has drained below three quarters of the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from engine.config import Config
+from engine.disks import DiskInfo
+from engine.spool import Spool, SpooledBlob, UploadWatermarks
+from engine.store import CacheStore
+from engine.store.base import StoreError
+from protocol import SECTOR_SIZE, ErrorCode, RemoteProtocolError, Tag, Write
+from protocol.logblob import NONCE_SIZE, BlobHeader, Sealer, blob_name, tag_record, write_record_header
+
+log = logging.getLogger(__name__)
+
+
+class FlowListener(Protocol):
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+AckListener = Callable[[str, int], None]  # (disk, durable_seq)
+
+
+@dataclass
+class Batch:
+    disk: str
+    first_seq: int
+    pieces: list[bytes | memoryview] = field(default_factory=list)
+    last_seq: int = 0
+    payload_bytes: int = 0
+    last_source_us: int = 0
+    sealed: bool = False
+    uploaded: bool = False
+    path: Path | None = None
+    size: int = 0
+
+    @property
+    def name(self) -> str:
+        return blob_name(self.disk, self.first_seq, self.last_seq)
+
+
+class DiskStream:
+    """Per-disk state: what was accepted, what is durable, what is still to upload."""
+
+    def __init__(self, info: DiskInfo, durable_seq: int) -> None:
+        self.info = info
+        self.accepted_seq = durable_seq
+        self.durable_seq = durable_seq
+        self.uploaded_seq = durable_seq
+        self.open_batch: Batch | None = None
+        self.linger: asyncio.TimerHandle | None = None
+        self.sealing: deque[Batch] = deque()
+        self.uploading: deque[Batch] = deque()
+        self.listeners: dict[object, AckListener] = {}
+
+    def check_write(self, write: Write) -> None:
+        """Bounds and alignment; raises naming the disk and sequence."""
+        size = len(write.data)
+        if write.offset % SECTOR_SIZE or size % SECTOR_SIZE:
+            raise RemoteProtocolError(
+                ErrorCode.BAD_ALIGNMENT,
+                f"offset {write.offset} and length {size} must be multiples of {SECTOR_SIZE}",
+                disk=self.info.disk, seq=write.seq,
+            )
+        if write.offset + size > self.info.size:
+            raise RemoteProtocolError(
+                ErrorCode.OUT_OF_BOUNDS,
+                f"write of {size} bytes at offset {write.offset} ends beyond the disk size {self.info.size}",
+                disk=self.info.disk, seq=write.seq,
+            )
+
+    def check_sequence(self, seq: int) -> bool:
+        """True if ``seq`` is the next one; False for a duplicate; raises on a gap."""
+        if seq <= self.accepted_seq:
+            return False
+        if seq != self.accepted_seq + 1:
+            raise RemoteProtocolError(
+                ErrorCode.SEQUENCE_GAP, f"expected sequence {self.accepted_seq + 1}", disk=self.info.disk, seq=seq
+            )
+        return True
+
+
+class Pipeline:
+    def __init__(self, config: Config, sealer: Sealer, spool: Spool, store: CacheStore,
+                 watermarks: UploadWatermarks) -> None:
+        self.config = config
+        self.sealer = sealer
+        self.spool = spool
+        self.store = store
+        self.watermarks = watermarks
+        self.streams: dict[str, DiskStream] = {}
+        self.inflight_bytes = 0
+        self.paused = False
+        self.flow_listeners: set[FlowListener] = set()
+        self.stored_listeners: list[Callable[[], None]] = []
+        self.stats = PipelineStats()
+        self._executor = ThreadPoolExecutor(config.seal_threads, thread_name_prefix="seal")
+        self._scratch = threading.local()
+        self._upload_queue: asyncio.Queue[Batch] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._uploaders: list[asyncio.Task[None]] = []
+        self._watermark_lock = asyncio.Lock()
+        self._max_inflight = int(config.pipeline.max_inflight_bytes)
+        self._max_batch = int(config.batch.max_bytes)
+        self._linger = config.batch.linger_ms / 1000
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self, disks: list[DiskInfo]) -> None:
+        """Recover the spool and resume uploads of what the previous run left."""
+        leftovers = await asyncio.to_thread(self.spool.recover)
+        by_disk: dict[str, list[SpooledBlob]] = {}
+        for blob in leftovers:
+            by_disk.setdefault(blob.header.disk, []).append(blob)
+        known = {info.disk: info for info in disks}
+        for disk in set(known) | set(by_disk):
+            info = known.get(disk)
+            if info is None:  # a spooled disk whose registration was lost: its blob header knows the size
+                header = by_disk[disk][0].header
+                info = DiskInfo(disk, "", header.disk_size, SECTOR_SIZE)
+            watermark = self.watermarks.seqs.get(disk, 0)
+            blobs = by_disk.get(disk, [])
+            durable = max([watermark, *(b.header.last_seq for b in blobs)])
+            stream = self.streams[disk] = DiskStream(info, durable)
+            stream.uploaded_seq = watermark
+            for blob in blobs:
+                if blob.header.last_seq <= watermark:  # uploaded, but the crash came before its removal
+                    await asyncio.to_thread(blob.path.unlink, True)
+                    self.spool.used_bytes -= blob.size
+                    continue
+                batch = Batch(disk, blob.header.first_seq, last_seq=blob.header.last_seq, sealed=True,
+                              path=blob.path, size=blob.size, last_source_us=blob.header.last_source_us)
+                stream.uploading.append(batch)
+                self._upload_queue.put_nowait(batch)
+            if blobs:
+                log.info("spool: resuming upload of %d blob(s) of disk %r up to sequence %d",
+                         len(stream.uploading), disk, durable)
+        self._uploaders = [asyncio.create_task(self._upload_worker(), name=f"upload-{i}")
+                           for i in range(self.config.upload.concurrency)]
+
+    def stream(self, info: DiskInfo) -> DiskStream:
+        stream = self.streams.get(info.disk)
+        if stream is None:
+            stream = self.streams[info.disk] = DiskStream(info, self.watermarks.seqs.get(info.disk, 0))
+        return stream
+
+    async def drain(self) -> None:
+        """Cut every open batch and wait until everything accepted is durable and uploaded."""
+        for stream in self.streams.values():
+            self._cut(stream)
+        while any(s.sealing or s.uploading for s in self.streams.values()):
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        for task in self._uploaders:
+            task.cancel()
+        await asyncio.gather(*self._uploaders, *self._tasks, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    # ------------------------------------------------------------ ingest
+
+    def accept_write(self, stream: DiskStream, write: Write) -> bool:
+        """Add a checked write to its disk's batch; False if it was a duplicate."""
+        stream.check_write(write)
+        if not stream.check_sequence(write.seq):
+            return False
+        size = len(write.data)
+        batch = self._batch_for(stream, write.seq)
+        batch.pieces.append(write_record_header(write.seq, write.timestamp_us, write.offset, size))
+        batch.pieces.append(write.data)
+        self._added(stream, batch, write.seq, write.timestamp_us, size)
+        if batch.payload_bytes >= self._max_batch:
+            self._cut(stream)
+        return True
+
+    def accept_tag(self, stream: DiskStream, tag: Tag) -> bool:
+        if not stream.check_sequence(tag.seq):
+            return False
+        batch = self._batch_for(stream, tag.seq)
+        batch.pieces.append(tag_record(tag.seq, tag.timestamp_us, tag.kind, tag.tag_id))
+        self._added(stream, batch, tag.seq, tag.timestamp_us, 0)
+        self._cut(stream)  # a tag ends its batch, so recovery points fall on blob boundaries
+        return True
+
+    def _batch_for(self, stream: DiskStream, seq: int) -> Batch:
+        batch = stream.open_batch
+        if batch is None:
+            batch = stream.open_batch = Batch(stream.info.disk, seq)
+            loop = asyncio.get_running_loop()
+            stream.linger = (loop.call_later(self._linger, self._cut, stream) if self._linger
+                             else loop.call_soon(self._cut, stream))
+        return batch
+
+    def _added(self, stream: DiskStream, batch: Batch, seq: int, timestamp_us: int, size: int) -> None:
+        stream.accepted_seq = batch.last_seq = seq
+        batch.payload_bytes += size
+        batch.last_source_us = max(batch.last_source_us, timestamp_us)
+        self.inflight_bytes += size
+        self.stats.received_bytes += size
+        if not self.paused and self.inflight_bytes >= self._max_inflight:
+            self._set_paused(True)
+
+    # ------------------------------------------------------------ seal + spool
+
+    def _cut(self, stream: DiskStream) -> None:
+        batch = stream.open_batch
+        if batch is None:
+            return
+        stream.open_batch = None
+        if stream.linger is not None:
+            stream.linger.cancel()
+            stream.linger = None
+        stream.sealing.append(batch)
+        task = asyncio.create_task(self._seal(stream, batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _seal(self, stream: DiskStream, batch: Batch) -> None:
+        loop = asyncio.get_running_loop()
+        delay = self.config.upload.retry_initial_ms / 1000
+        while True:
+            try:
+                batch.path, batch.size = await loop.run_in_executor(self._executor, self._seal_blocking, batch)
+                break
+            except OSError as exc:  # spool disk full or failing: nothing was acknowledged; keep trying
+                log.error("spool: cannot write blob %s: %s; retrying in %.1fs", batch.name, exc, delay)
+                self.stats.spool_errors += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.config.upload.retry_max_ms / 1000)
+        batch.sealed = True
+        batch.pieces = []
+        self.inflight_bytes -= batch.payload_bytes
+        self.spool.used_bytes += batch.size
+        self.stats.sealed_bytes += batch.size
+        advanced = False
+        while stream.sealing and stream.sealing[0].sealed:  # durability advances in sequence order
+            done = stream.sealing.popleft()
+            stream.durable_seq = done.last_seq
+            stream.uploading.append(done)
+            self._upload_queue.put_nowait(done)
+            advanced = True
+        if advanced:
+            for listener in list(stream.listeners.values()):
+                listener(stream.info.disk, stream.durable_seq)
+        self._update_flow()
+
+    def _seal_blocking(self, batch: Batch) -> tuple[Path, int]:
+        """Worker thread: join once, lz4 + AES-GCM into a reused buffer, fsync into the spool."""
+        records = b"".join(batch.pieces)
+        header = BlobHeader(batch.disk, self.streams[batch.disk].info.size, batch.first_seq, batch.last_seq,
+                            batch.last_seq - batch.first_seq + 1, time.time_ns() // 1000, batch.last_source_us)
+        sealed = self.sealer.seal(records, header, os.urandom(NONCE_SIZE), out=getattr(self._scratch, "buf", None))
+        self._scratch.buf = sealed.obj
+        path = self.spool.write(batch.name, sealed)
+        return path, len(sealed)
+
+    # ------------------------------------------------------------ upload
+
+    async def _upload_worker(self) -> None:
+        while True:
+            batch = await self._upload_queue.get()
+            assert batch.path is not None
+            await self._upload_with_retry(batch)
+            batch.uploaded = True
+            self.stats.stored_bytes += batch.size
+            await self._advance_uploaded(self.streams[batch.disk])
+
+    async def _upload_with_retry(self, batch: Batch) -> None:
+        assert batch.path is not None
+        delay = self.config.upload.retry_initial_ms / 1000
+        cap = self.config.upload.retry_max_ms / 1000
+        while True:
+            try:
+                await self.store.put_file(batch.name, batch.path)
+                return
+            except (StoreError, OSError) as exc:
+                self.stats.upload_errors += 1
+                log.warning("upload of %s failed (%s); retrying in %.2fs", batch.name, exc, delay)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter spreads a thundering herd
+                delay = min(delay * 2, cap)
+
+    async def _advance_uploaded(self, stream: DiskStream) -> None:
+        released: list[Batch] = []
+        while stream.uploading and stream.uploading[0].uploaded:
+            released.append(stream.uploading.popleft())
+        if not released:
+            return
+        async with self._watermark_lock:
+            stream.uploaded_seq = max(stream.uploaded_seq, released[-1].last_seq)
+            self.watermarks.seqs[stream.info.disk] = stream.uploaded_seq
+            await asyncio.to_thread(self.watermarks.save)
+        for batch in released:  # only now may the spool forget them
+            assert batch.path is not None
+            await asyncio.to_thread(batch.path.unlink, True)
+            self.spool.used_bytes -= batch.size
+        for notify in self.stored_listeners:
+            notify()
+        self._update_flow()
+
+    # ------------------------------------------------------------ flow control
+
+    def _update_flow(self) -> None:
+        if self.paused:
+            if self.inflight_bytes < self._max_inflight * 3 // 4 and not self.spool.full:
+                self._set_paused(False)
+        elif self.inflight_bytes >= self._max_inflight or self.spool.full:
+            self._set_paused(True)
+
+    def _set_paused(self, paused: bool) -> None:
+        self.paused = paused
+        if paused:
+            self.stats.pauses += 1
+        for listener in list(self.flow_listeners):
+            if paused:
+                listener.pause_reading()
+            else:
+                listener.resume_reading()
+
+
+@dataclass
+class PipelineStats:
+    received_bytes: int = 0
+    sealed_bytes: int = 0
+    stored_bytes: int = 0
+    upload_errors: int = 0
+    spool_errors: int = 0
+    pauses: int = 0

@@ -1,0 +1,160 @@
+"""The process server as an embeddable object: ``async with ProcessServer(config) as ps``.
+
+Wires the parts together: keys, TLS, agent registry, disk registry, spool,
+cache store, pipeline, the TLS listener and (embedded default) the applier.
+First start of a fresh data directory generates what security needs — a
+self-signed certificate, a sealing key and one agent token — so the secure
+setup is also the zero-configuration one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.applier import Applier
+from engine.auth import AgentRegistry, ensure_default_agent
+from engine.config import Config
+from engine.disks import DiskRegistry
+from engine.ingest import AgentConnection, IngestContext
+from engine.keys import KeyRing
+from engine.pipeline import Pipeline
+from engine.spool import Spool, UploadWatermarks
+from engine.store import CacheStore, LocalStore
+from engine.tls import generate_self_signed, server_context
+from protocol.logblob import Sealer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ConnectInfo:
+    """What an agent needs to connect; printed by ``serve`` (the token file, never the token)."""
+
+    host: str
+    port: int
+    cafile: Path
+    token_file: Path | None
+
+
+def open_store(config: Config) -> CacheStore:
+    return LocalStore(config.store_dir, fsync=config.spool.fsync)
+
+
+def load_keyring(config: Config, *, create: bool) -> KeyRing:
+    return KeyRing.from_files(config.key_file, list(config.keys.old_key_files), create=create)
+
+
+class ProcessServer:
+    def __init__(self, config: Config, *, run_applier: bool | None = None) -> None:
+        self.config = config
+        self.run_applier = config.applier.enabled if run_applier is None else run_applier
+        self.pipeline: Pipeline | None = None
+        self.applier: Applier | None = None
+        self.store: CacheStore | None = None
+        self.connect_info: ConnectInfo | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._ctx: IngestContext | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def token_file(self) -> Path:
+        return self.config.server.data_dir / "agent-1.token"
+
+    def _tls_paths(self) -> tuple[Path, Path]:
+        cfg = self.config.server
+        if cfg.tls_cert and cfg.tls_key:
+            return cfg.tls_cert, cfg.tls_key
+        tls_dir = cfg.data_dir / "tls"
+        cert, key = tls_dir / "server.crt", tls_dir / "server.key"
+        if not cert.exists() or not key.exists():
+            generate_self_signed(cert, key)
+            log.info("generated a self-signed TLS certificate: %s", cert)
+        return cert, key
+
+    async def start(self) -> ConnectInfo:
+        cfg = self.config
+        cfg.server.data_dir.mkdir(parents=True, exist_ok=True)
+        keys = load_keyring(cfg, create=cfg.keys.key_file is None)
+        cert, tls_key = self._tls_paths()
+        generated_token = cfg.server.agents_file is None and not cfg.agents_file.exists()
+        if cfg.server.agents_file is None:
+            ensure_default_agent(cfg.agents_file, self.token_file)
+        agents = AgentRegistry.load(cfg.agents_file)
+        disks = DiskRegistry(cfg.state_dir / "disks")
+        spool = Spool(cfg.spool_dir, int(cfg.spool.max_bytes), fsync=cfg.spool.fsync)
+        self.store = open_store(cfg)
+        watermarks = UploadWatermarks(cfg.state_dir / "uploaded.json")
+        self.pipeline = Pipeline(cfg, Sealer(keys.current), spool, self.store, watermarks)
+        await self.pipeline.start(list(disks))
+        if self.run_applier:
+            self.applier = Applier(self.store, keys, cfg.seed_dir, poll_s=cfg.applier.poll_ms / 1000,
+                                   fsync=cfg.applier.fsync)
+            self.pipeline.stored_listeners.append(self.applier.notify)
+            self._tasks.append(asyncio.create_task(self.applier.run(), name="applier"))
+        self._ctx = IngestContext(self.pipeline, agents, disks, server_name=cfg.server.name,
+                                  max_frame=int(cfg.server.max_frame_bytes),
+                                  read_buffer=int(cfg.server.read_buffer_bytes))
+        loop = asyncio.get_running_loop()
+        ctx = self._ctx
+        self._server = await loop.create_server(lambda: AgentConnection(ctx), cfg.server.listen, cfg.server.port,
+                                                ssl=server_context(cert, tls_key), reuse_address=True)
+        port = self._server.sockets[0].getsockname()[1]
+        self._tasks.append(asyncio.create_task(self._keepalive(), name="keepalive"))
+        self.connect_info = ConnectInfo(cfg.server.listen, port, cert,
+                                        self.token_file if self.token_file.exists() else None)
+        log.info("process server listening on %s:%d (TLS)%s", cfg.server.listen, port,
+                 "; generated agent token in " + str(self.token_file) if generated_token else "")
+        return self.connect_info
+
+    async def _keepalive(self) -> None:
+        """Heartbeats to every agent; close connections that went silent (half-open TCP)."""
+        cfg = self.config.server
+        while True:
+            await asyncio.sleep(cfg.heartbeat_s)
+            now = time.monotonic()
+            assert self._ctx is not None
+            for conn in list(self._ctx.connections):
+                if now - conn.last_seen > cfg.idle_timeout_s:
+                    log.warning("agent %s: silent for %.0fs, closing", conn.peer, now - conn.last_seen)
+                    conn.close()
+                else:
+                    conn.heartbeat()
+
+    async def drain(self) -> None:
+        """Wait until everything accepted is durable and uploaded (and applied, if embedded)."""
+        assert self.pipeline is not None
+        await self.pipeline.drain()
+        if self.applier is not None:
+            while True:
+                await self.applier.apply_available()
+                if all(self.applier.applied_seq(d) >= s.durable_seq or d in self.applier.failures
+                       for d, s in self.pipeline.streams.items()):
+                    return
+                await asyncio.sleep(0.02)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for conn in list(self._ctx.connections if self._ctx else []):
+                conn.close()
+            await self._server.wait_closed()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.pipeline is not None:
+            await self.pipeline.close()
+        if self.applier is not None:
+            await self.applier.close()
+        if self.store is not None:
+            await self.store.close()
+
+    async def __aenter__(self) -> ProcessServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

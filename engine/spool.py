@@ -1,0 +1,100 @@
+"""The process server's spool: sealed blobs, fsynced, waiting for upload.
+
+A write is acknowledged once the blob holding it is in the spool (compressed and
+encrypted, so the spool holds fewer bytes than were received and nothing in
+clear text). The spool keeps a blob until the cache store has it *and* the
+upload watermark recording that is durable, so after any crash
+
+    durable sequence of a disk = max(upload watermark, last sequence in the spool)
+
+which is what the server tells a reconnecting agent to resume from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.fsutil import write_durably
+from protocol import LogBlobError
+from protocol.logblob import BLOB_SUFFIX, GCM_TAG_SIZE, HEADER_FIXED, BlobHeader, blob_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SpooledBlob:
+    name: str
+    path: Path
+    size: int
+    header: BlobHeader
+
+
+class Spool:
+    def __init__(self, directory: Path, max_bytes: int, *, fsync: bool = True) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.fsync = fsync
+        self.used_bytes = 0  # owned by the event loop
+        directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def full(self) -> bool:
+        return self.used_bytes >= self.max_bytes
+
+    def path_of(self, name: str) -> Path:
+        return self.directory / name
+
+    def write(self, name: str, data: memoryview) -> Path:
+        """Blocking: persist one sealed blob (called from a seal worker thread)."""
+        path = self.path_of(name)
+        path.parent.mkdir(exist_ok=True)
+        write_durably(path, data, fsync=self.fsync, mode=0o600)
+        return path
+
+    def recover(self) -> list[SpooledBlob]:
+        """Blocking, at start-up: the blobs left by the previous run, in order.
+
+        Temporary files are torn writes that were never acknowledged; they are
+        removed. A complete-looking blob with a bad header is kept aside (renamed
+        ``.bad``) and reported, never uploaded.
+        """
+        found: list[SpooledBlob] = []
+        for disk_dir in sorted(p for p in self.directory.iterdir() if p.is_dir()):
+            for path in sorted(disk_dir.iterdir()):
+                if path.name.startswith(".") and path.name.endswith(".tmp"):
+                    path.unlink()
+                    continue
+                if not path.name.endswith(BLOB_SUFFIX):
+                    continue
+                try:
+                    with open(path, "rb") as handle:
+                        head = handle.read(HEADER_FIXED.size + 256)
+                    header = BlobHeader.unpack(head, name=path.name)
+                    size = path.stat().st_size
+                    if size != header.size + header.payload_size + GCM_TAG_SIZE:
+                        raise LogBlobError(f"size {size} does not match its header", name=path.name)
+                except LogBlobError as exc:
+                    log.error("spool: %s; kept aside as %s.bad", exc, path)
+                    os.replace(path, path.with_name(path.name + ".bad"))
+                    continue
+                found.append(SpooledBlob(blob_name(header.disk, header.first_seq, header.last_seq), path, size,
+                                         header))
+                self.used_bytes += size
+        return found
+
+
+class UploadWatermarks:
+    """Highest sequence per disk whose blobs are all in the cache store (one small JSON file)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.seqs: dict[str, int] = json.loads(path.read_text()) if path.exists() else {}
+
+    def save(self) -> None:
+        """Blocking: persist atomically (run in a thread)."""
+        write_durably(self.path, json.dumps(self.seqs, sort_keys=True).encode(), mode=0o644)

@@ -1,0 +1,33 @@
+"""The cache-store contract shared by the local directory and Azure Blob Storage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+
+class StoreError(Exception):
+    """A store operation failed; ``transient`` says whether retrying can help."""
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class CacheStore(Protocol):
+    """Blob names come from ``protocol.logblob.blob_name``: the same sequence range
+    always has the same name, so every put is idempotent and a retry or a restart
+    can never duplicate data."""
+
+    async def put_file(self, name: str, path: Path) -> None:
+        """Store the (complete, fsynced) file at ``path`` under ``name``, durably."""
+
+    async def list_blobs(self) -> list[str]:
+        """All log-blob names, sorted (per disk, by first sequence)."""
+
+    async def get(self, name: str) -> bytes: ...
+
+    async def delete(self, name: str) -> None:
+        """Remove ``name``; removing a missing blob is not an error."""
+
+    async def close(self) -> None: ...

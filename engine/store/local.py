@@ -1,0 +1,71 @@
+"""The embedded default cache store: a directory, one sub-directory per disk."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+import aiofiles
+import aiofiles.os
+
+from engine.fsutil import fsync_dir
+from protocol.logblob import BLOB_SUFFIX, parse_blob_name
+
+
+class LocalStore:
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = root
+        self.fsync = fsync
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, name: str) -> Path:
+        if parse_blob_name(name) is None or ".." in name:
+            raise ValueError(f"not a log-blob name: {name!r}")
+        return self.root / name
+
+    async def put_file(self, name: str, path: Path) -> None:
+        await asyncio.to_thread(self._put_file, self._path(name), path)
+
+    def _put_file(self, target: Path, source: Path) -> None:
+        target.parent.mkdir(exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)  # same file system: no copy; the spool keeps its own name
+        except OSError:
+            shutil.copyfile(source, tmp)
+            if self.fsync:
+                with open(tmp, "rb+") as handle:
+                    os.fsync(handle.fileno())
+        os.replace(tmp, target)
+        if self.fsync:
+            fsync_dir(target.parent)
+
+    async def list_blobs(self) -> list[str]:
+        return await asyncio.to_thread(self._list)
+
+    def _list(self) -> list[str]:
+        names = []
+        with os.scandir(self.root) as disks:
+            for disk in disks:
+                if not disk.is_dir():
+                    continue
+                with os.scandir(disk.path) as blobs:
+                    names += [f"{disk.name}/{b.name}" for b in blobs
+                              if b.name.endswith(BLOB_SUFFIX) and not b.name.startswith(".")]
+        return sorted(names)
+
+    async def get(self, name: str) -> bytes:
+        async with aiofiles.open(self._path(name), "rb") as handle:
+            return await handle.read()
+
+    async def delete(self, name: str) -> None:
+        try:
+            await aiofiles.os.remove(self._path(name))
+        except FileNotFoundError:
+            pass
+
+    async def close(self) -> None:
+        return None
