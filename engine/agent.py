@@ -134,7 +134,8 @@ class AgentDisk:
                 item.future.set_result(item.seq)
         self.acked_seq = max(self.acked_seq, seq)
         self.acked_bytes += released
-        self.agent._release(released)
+        if released:
+            self.agent._release(released)
 
     def _resumed(self, resume_seq: int) -> None:
         """The server holds everything up to ``resume_seq``: drop that, resend the rest."""
@@ -172,7 +173,7 @@ class Agent:
         self.connections = 0  # sessions established, for monitoring and tests
         self._by_handle: dict[int, AgentDisk] = {}
         self._unacked_bytes = 0
-        self._window = asyncio.Condition()
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._writer: asyncio.StreamWriter | None = None
         self._conn: ClientConnection | None = None
         self._ready: asyncio.Future[None] | None = None
@@ -224,25 +225,38 @@ class Agent:
     # ------------------------------------------------------------ window
 
     async def _reserve(self, size: int) -> None:
+        """Wait, first come first served, until ``size`` more bytes fit in the window."""
         if self._fatal is not None:
             raise self._fatal
-        if self._unacked_bytes + size > self.max_unacked_bytes and self._unacked_bytes > 0:
-            async with self._window:
-                await self._window.wait_for(
-                    lambda: self._fatal is not None or self._unacked_bytes + size <= self.max_unacked_bytes
-                    or self._unacked_bytes == 0)
-            if self._fatal is not None:
-                raise self._fatal
+        if self._waiters or not self._fits(size):
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append((size, waiter))
+            await waiter  # resolved by _wake_waiters, which also takes the bytes for us
+            return
         self._unacked_bytes += size
 
-    def _release(self, size: int) -> None:
-        if size:
-            self._unacked_bytes -= size
-            asyncio.get_running_loop().create_task(self._notify_window())
+    def _fits(self, size: int) -> bool:
+        # An oversized write still goes alone through an empty window rather than never.
+        return self._unacked_bytes + size <= self.max_unacked_bytes or self._unacked_bytes == 0
 
-    async def _notify_window(self) -> None:
-        async with self._window:
-            self._window.notify_all()
+    def _release(self, size: int) -> None:
+        self._unacked_bytes -= size
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        while self._waiters:
+            size, waiter = self._waiters[0]
+            if waiter.done():
+                self._waiters.popleft()
+            elif self._fatal is not None:
+                self._waiters.popleft()
+                waiter.set_exception(self._fatal)
+            elif self._fits(size):
+                self._waiters.popleft()
+                self._unacked_bytes += size
+                waiter.set_result(None)
+            else:
+                return
 
     # ------------------------------------------------------------ connection
 
@@ -284,7 +298,7 @@ class Agent:
             disk._fail(exc)
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(exc)
-        asyncio.get_running_loop().create_task(self._notify_window())
+        self._wake_waiters()
 
     async def _session(self) -> None:
         reader, writer = await asyncio.open_connection(

@@ -1,0 +1,253 @@
+"""The `blockferry` command."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+from engine.config import Config, ConfigError, load_config
+from engine.keys import KeyFileError, KeyRing, load_key
+
+console = Console(stderr=True)
+
+
+def _run(coro: object) -> object:
+    """Run on uvloop when it is installed (it is the faster loop for TLS ingest)."""
+    try:
+        import uvloop
+
+        return uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def _config(path: Path | None) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def main(log_level: str) -> None:
+    """blockferry: block-level replication data plane (process server, applier, agent)."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# ---------------------------------------------------------------- server side
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config file.")
+def serve(config_path: Path | None) -> None:
+    """Run a process server (and, by default, the applier) until interrupted."""
+    from engine.server import ProcessServer
+
+    config = _config(config_path)
+
+    async def run() -> None:
+        server = ProcessServer(config)
+        try:
+            info = await server.start()
+        except (KeyFileError, OSError) as exc:
+            raise click.ClickException(str(exc)) from None
+        token = f"--token-file {info.token_file}" if info.token_file else "--token-file <your agent's token file>"
+        console.print(f"[bold]process server[/] on {info.host}:{info.port} (TLS). Connect an agent with:\n"
+                      f"  blockferry agent replicate PATH --disk ID --server {info.host}:{info.port} "
+                      f"--cafile {info.cafile} {token}")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await server.close()
+
+    try:
+        _run(run())
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config file.")
+def apply(config_path: Path | None) -> None:
+    """Run the applier alone: cache store → seed disks."""
+    from engine.applier import Applier
+    from engine.server import load_keyring, open_store
+
+    config = _config(config_path)
+
+    async def run() -> None:
+        try:
+            keys = load_keyring(config, create=False)
+        except KeyFileError as exc:
+            raise click.ClickException(str(exc)) from None
+        store = open_store(config)
+        applier = Applier(store, keys, config.seed_dir, poll_s=config.applier.poll_ms / 1000,
+                          fsync=config.applier.fsync)
+        console.print(f"applier: {config.store_dir} → {config.seed_dir}")
+        try:
+            await applier.run()
+        finally:
+            await applier.close()
+            await store.close()
+
+    try:
+        _run(run())
+    except KeyboardInterrupt:
+        pass
+
+
+# ---------------------------------------------------------------- agent side
+
+@main.group()
+def agent() -> None:
+    """Agent commands (run on the protected machine)."""
+
+
+@agent.command()
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--disk", "disk_id", required=True, help="Disk id on the process server.")
+@click.option("--server", "server", required=True, help="HOST:PORT of the process server.")
+@click.option("--token-file", type=click.Path(exists=True, path_type=Path), required=True,
+              help="File holding this agent's token (mode 0600).")
+@click.option("--cafile", type=click.Path(exists=True, path_type=Path),
+              help="Certificate to verify the server with (the server's tls/server.crt for a self-signed one).")
+@click.option("--agent-id", default="agent-1", show_default=True)
+@click.option("--interval", default=5.0, show_default=True, help="Seconds between change scans.")
+@click.option("--once", is_flag=True, help="Stop after the initial copy (and its acknowledgement).")
+def replicate(path: Path, disk_id: str, server: str, token_file: Path, cafile: Path | None, agent_id: str,
+              interval: float, once: bool) -> None:
+    """Replicate a file or block device: initial copy, then changed blocks."""
+    from engine.agent import Agent, AgentError
+    from engine.auth import read_token
+    from engine.replicate import PassResult, Replicator
+    from engine.tls import client_context
+
+    host, _, port = server.rpartition(":")
+    if not host or not port.isdigit():
+        raise click.BadParameter("expected HOST:PORT", param_hint="--server")
+    try:
+        token = read_token(token_file)
+    except KeyFileError as exc:
+        raise click.ClickException(str(exc)) from None
+
+    async def run() -> None:
+        client = Agent(host, int(port), agent_id, token, ssl_context=client_context(cafile))
+        try:
+            await client.start()
+            replicator = Replicator(client, path, disk_id)
+            await replicator.open()
+            with Progress(*Progress.get_default_columns()[:-1], DownloadColumn(), TransferSpeedColumn(),
+                          console=console) as bar:
+                task = bar.add_task(f"initial copy of {path}", total=replicator.size)
+                result = await replicator.initial_copy(lambda done, total: bar.update(task, completed=done))
+                await client.flush()
+            console.print(f"initial copy acknowledged: {result.sent_bytes} bytes sent in {result.writes} writes")
+            if once:
+                return
+
+            def report(r: PassResult) -> None:
+                if r.writes:
+                    console.print(f"delta: {r.sent_bytes} bytes in {r.writes} writes acknowledged")
+
+            while True:
+                await asyncio.sleep(interval)
+                report(await replicator.delta_pass())
+                await client.flush()
+        except AgentError as exc:
+            raise click.ClickException(str(exc)) from None
+        finally:
+            await client.close()
+
+    try:
+        _run(run())
+    except KeyboardInterrupt:
+        pass
+
+
+@agent.command("add")
+@click.argument("agent_id")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config file.")
+@click.option("--disks", default="*", show_default=True, help="Comma-separated disk-id patterns it may open.")
+@click.option("--token-file", type=click.Path(path_type=Path), required=True, help="Where to write its token.")
+def agent_add(agent_id: str, config_path: Path | None, disks: str, token_file: Path) -> None:
+    """Register an agent with a fresh token (written to --token-file, mode 0600)."""
+    from engine.auth import add_agent
+    from engine.fsutil import write_durably
+
+    config = _config(config_path)
+    token = add_agent(config.agents_file, agent_id, tuple(d.strip() for d in disks.split(",") if d.strip()))
+    write_durably(token_file, (token + "\n").encode(), mode=0o600)
+    console.print(f"agent {agent_id} added to {config.agents_file}; token in {token_file}")
+
+
+# ---------------------------------------------------------------- config and tools
+
+@main.group()
+def config() -> None:
+    """Print or check configuration files."""
+
+
+@config.command("defaults")
+def config_defaults() -> None:
+    """Print a commented configuration file with every default."""
+    from engine.config_docs import render_defaults
+
+    click.echo(render_defaults(), nl=False)
+
+
+@config.command("check")
+@click.argument("path", type=click.Path(path_type=Path))
+def config_check(path: Path) -> None:
+    """Validate a configuration file; exit status 1 with the offending keys if invalid."""
+    _config(path)
+    click.echo(f"{path}: ok")
+
+
+@main.command("inspect-log")
+@click.argument("blob", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--key-file", type=click.Path(exists=True, path_type=Path), help="Key to open the blob with.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="Take the key ring from this config.")
+@click.option("--max-records", type=int, default=None, help="List at most this many records.")
+def inspect_log(blob: Path, key_file: Path | None, config_path: Path | None, max_records: int | None) -> None:
+    """Print a log blob's header and records (not their payloads)."""
+    from protocol import LogBlobError
+    from tools.inspect_log import describe_blob
+
+    try:
+        keys = None
+        if key_file is not None:
+            keys = KeyRing(load_key(key_file))
+        elif config_path is not None:
+            cfg = _config(config_path)
+            keys = KeyRing.from_files(cfg.key_file, list(cfg.keys.old_key_files))
+        report = describe_blob(blob.read_bytes(), keys, name=blob.name, max_records=max_records)
+    except (KeyFileError, LogBlobError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo("\n".join(report.lines))
+
+
+@main.command()
+@click.option("--seconds", default=20.0, show_default=True, help="How long to churn.")
+@click.option("--disk-size", default="256MiB", show_default=True, help="Size of each synthetic disk.")
+@click.option("--disks", default=2, show_default=True, help="How many disks.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("demo-data"), show_default=True,
+              help="Data directory (emptied first).")
+def demo(seconds: float, disk_size: str, disks: int, data_dir: Path) -> None:
+    """Replicate synthetic disks under random churn end to end and prove the copies identical."""
+    from pydantic import ByteSize, TypeAdapter
+
+    from engine.demo import run_demo
+
+    size = int(TypeAdapter(ByteSize).validate_python(disk_size))
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    result = _run(run_demo(data_dir, seconds=seconds, disk_size=size, disks=disks, console=Console()))
+    sys.exit(0 if result.ok else 1)  # type: ignore[union-attr]
