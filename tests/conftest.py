@@ -1,0 +1,17 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from engine.server import ProcessServer
+from support import make_config
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[ProcessServer]:
+    async with ProcessServer(make_config(tmp_path / "data")) as ps:
+        yield ps
