@@ -52,7 +52,8 @@ def encode_write_header(write: Write) -> bytes:
 
     Split so a transport can ``writelines`` the payload without copying it.
     """
-    if not 0 <= write.handle <= _U32 or not 0 <= write.seq <= _U64 or not 0 <= write.offset <= _U64:
+    if not (0 <= write.handle <= _U32 and 0 <= write.checksum <= _U32
+            and all(0 <= v <= _U64 for v in (write.seq, write.offset, write.timestamp_us))):
         raise LocalProtocolError(ErrorCode.BAD_FRAME, "write field out of range", handle=write.handle, seq=write.seq)
     body_len = WRITE_HEADER.size + len(write.data)
     return FRAME_HEADER.pack(body_len, FrameType.WRITE) + WRITE_HEADER.pack(
@@ -92,6 +93,10 @@ def encode(frame: Frame) -> bytes:
         packed = msgpack.packb(body, use_bin_type=True)
     except (OverflowError, TypeError, ValueError) as exc:
         raise LocalProtocolError(ErrorCode.BAD_FRAME, f"cannot encode {frame_type.name}: {exc}") from exc
+    try:  # refuse locally what the peer's decoder would refuse, so the bug is ours to see
+        _decode_control(frame_type, memoryview(packed))
+    except RemoteProtocolError as exc:
+        raise LocalProtocolError(exc.code, exc.message) from None
     return FRAME_HEADER.pack(len(packed), frame_type) + packed
 
 

@@ -144,6 +144,9 @@ class ClientConnection(_Connection):
             raise LocalProtocolError(
                 ErrorCode.UNEXPECTED_FRAME, f"{type(frame).__name__} before the server's WELCOME"
             )
+        elif isinstance(frame, Tag) and frame.handle not in self.disks:
+            raise LocalProtocolError(ErrorCode.DISK_NOT_OPEN, "tag before the disk was opened",
+                                     handle=frame.handle, seq=frame.seq)
         return encode(frame)
 
     def send_write_header(self, write: Write) -> bytes:

@@ -15,6 +15,7 @@ Pure computation: the caller supplies nonces, clocks and buffers.
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -199,11 +200,15 @@ def open_blob(data: bytes | memoryview, keys: KeyLookup, *, name: str | None = N
         raise LogBlobError("authentication failed: the blob was altered or sealed with another key",
                            disk=header.disk, name=name) from None
     if header.codec is Codec.NONE:
-        return header, payload
-    try:
-        records = lz4.block.decompress(payload, uncompressed_size=header.raw_size)
-    except lz4.block.LZ4BlockError as exc:
-        raise LogBlobError(f"lz4 decompression failed: {exc}", disk=header.disk, name=name) from None
+        records = payload
+    else:
+        try:
+            records = lz4.block.decompress(payload, uncompressed_size=header.raw_size)
+        except lz4.block.LZ4BlockError as exc:
+            raise LogBlobError(f"lz4 decompression failed: {exc}", disk=header.disk, name=name) from None
+    if len(records) != header.raw_size:
+        raise LogBlobError(f"records are {len(records)} bytes, header says {header.raw_size}",
+                           disk=header.disk, name=name)
     return header, records
 
 
@@ -224,7 +229,9 @@ def iter_records(records: bytes | memoryview, header: BlobHeader, *, name: str |
         pos += length
         if rtype == RecordType.WRITE:
             yield WriteRecord(seq, ts, offset, body)
-        elif rtype == RecordType.TAG and kind in TagKind._value2member_map_:
+        elif rtype == RecordType.TAG:
+            if kind not in TagKind._value2member_map_:
+                raise LogBlobError(f"record {count} is a tag of unknown kind {kind}", disk=header.disk, name=name)
             yield TagRecord(seq, ts, TagKind(kind), bytes(body).decode(errors="replace"))
         else:
             raise LogBlobError(f"record {count} has unknown type {rtype}", disk=header.disk, name=name)
@@ -235,6 +242,9 @@ def iter_records(records: bytes | memoryview, header: BlobHeader, *, name: str |
                            f"{header.record_count} ending at {header.last_seq}", disk=header.disk, name=name)
 
 
+_BLOB_NAME = re.compile(r"(?P<disk>[^/]+)/(?P<first>[0-9]{20})-(?P<last>[0-9]{20})" + re.escape(BLOB_SUFFIX), re.ASCII)
+
+
 def blob_name(disk: str, first_seq: int, last_seq: int) -> str:
     """Deterministic name: the same sequence range always maps to the same blob (idempotent uploads)."""
     return f"{disk}/{first_seq:020d}-{last_seq:020d}{BLOB_SUFFIX}"
@@ -242,10 +252,7 @@ def blob_name(disk: str, first_seq: int, last_seq: int) -> str:
 
 def parse_blob_name(name: str) -> tuple[str, int, int] | None:
     """Inverse of :func:`blob_name`; ``None`` for names that are not log blobs."""
-    disk, _, leaf = name.rpartition("/")
-    if not disk or not leaf.endswith(BLOB_SUFFIX):
+    match = _BLOB_NAME.fullmatch(name)
+    if match is None:
         return None
-    first, _, last = leaf[: -len(BLOB_SUFFIX)].partition("-")
-    if not (first.isdigit() and last.isdigit()):
-        return None
-    return disk, int(first), int(last)
+    return match["disk"], int(match["first"]), int(match["last"])

@@ -1,0 +1,129 @@
+"""The recovery journal's undo-entry format (sans I/O).
+
+The seed disk always holds the newest applied state. Before the applier changes
+it, it saves the bytes about to be overwritten — the *before-images* of every
+range the apply group touches — as one undo entry. Rolling the seed back through
+the entries newer than sequence S, newest first, yields the disk exactly as it
+was at S; that is what a recovery point is.
+
+An entry is named so that a directory or container listing alone gives the
+recovery points (sequence range, kind, source time, time recorded); the tag ids
+live inside the entry. Byte layout: docs/FORMAT.md.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import lz4.block
+
+from protocol.errors import LogBlobError
+from protocol.frames import TagKind
+
+UNDO_MAGIC = b"\x89BFUNDO\n"
+UNDO_VERSION = 1
+UNDO_SUFFIX = ".undo"
+UNDO_HEADER = struct.Struct("<8sHHQQQQIIQQI")
+RANGE = struct.Struct("<QI")
+TAG = struct.Struct("<QBH")
+
+
+@dataclass(frozen=True, slots=True)
+class EntryName:
+    """What a listing tells about an entry: enough to list points without reading it."""
+
+    seq_from: int  # the state the entry rolls back to
+    seq_to: int  # the state right after the apply group
+    app: bool  # the group ended with an application-consistent tag
+    source_us: int  # source time of the group's newest record
+    recorded_us: int  # applier wall time when the group was applied (retention only, never ordering)
+
+    def __str__(self) -> str:
+        return (f"{self.seq_from:020d}-{self.seq_to:020d}-{'a' if self.app else 'c'}-"
+                f"{self.source_us}-{self.recorded_us}{UNDO_SUFFIX}")
+
+    @classmethod
+    def parse(cls, name: str) -> EntryName | None:
+        if not name.endswith(UNDO_SUFFIX):
+            return None
+        parts = name[: -len(UNDO_SUFFIX)].split("-")
+        if len(parts) != 5 or parts[2] not in ("a", "c") or not all(p.isdigit() for p in parts[:2] + parts[3:]):
+            return None
+        return cls(int(parts[0]), int(parts[1]), parts[2] == "a", int(parts[3]), int(parts[4]))
+
+
+@dataclass(frozen=True, slots=True)
+class EntryTag:
+    seq: int
+    kind: TagKind
+    tag_id: str
+
+
+@dataclass(slots=True)
+class UndoEntry:
+    name: EntryName
+    ranges: list[tuple[int, int]]  # (offset, length), sorted and disjoint
+    before: list[bytes | memoryview]  # one before-image per range
+    tags: list[EntryTag] = field(default_factory=list)
+
+    def encode(self) -> bytes:
+        parts: list[bytes | memoryview] = [RANGE.pack(o, n) for o, n in self.ranges]
+        for tag in self.tags:
+            tag_id = tag.tag_id.encode()
+            parts.append(TAG.pack(tag.seq, tag.kind, len(tag_id)) + tag_id)
+        parts.extend(self.before)
+        raw = b"".join(parts)
+        payload = lz4.block.compress(raw, store_size=False)
+        n = self.name
+        header = UNDO_HEADER.pack(UNDO_MAGIC, UNDO_VERSION, 0, n.seq_from, n.seq_to, n.source_us, n.recorded_us,
+                                  len(self.ranges), len(self.tags), len(raw), len(payload), zlib.crc32(payload))
+        return header + payload
+
+    @classmethod
+    def decode(cls, data: bytes | memoryview, name: EntryName) -> UndoEntry:
+        """Parse and check an entry; raises LogBlobError (with the entry name) if it is damaged."""
+        label = str(name)
+        if len(data) < UNDO_HEADER.size:
+            raise LogBlobError("undo entry is truncated", name=label)
+        (magic, version, _flags, seq_from, seq_to, _src, _rec, n_ranges, n_tags, raw_size, payload_size,
+         crc) = UNDO_HEADER.unpack_from(data)
+        if magic != UNDO_MAGIC or version != UNDO_VERSION:
+            raise LogBlobError("not an undo entry of a supported version", name=label)
+        if (seq_from, seq_to) != (name.seq_from, name.seq_to):
+            raise LogBlobError("undo entry's sequence range does not match its name", name=label)
+        payload = memoryview(data)[UNDO_HEADER.size:]
+        if len(payload) != payload_size or zlib.crc32(payload) != crc:
+            raise LogBlobError("undo entry fails its checksum", name=label)
+        raw = memoryview(lz4.block.decompress(payload, uncompressed_size=raw_size))
+        pos = 0
+        ranges = []
+        for _ in range(n_ranges):
+            ranges.append(RANGE.unpack_from(raw, pos))
+            pos += RANGE.size
+        tags = []
+        for _ in range(n_tags):
+            seq, kind, length = TAG.unpack_from(raw, pos)
+            pos += TAG.size
+            tags.append(EntryTag(seq, TagKind(kind), bytes(raw[pos:pos + length]).decode(errors="replace")))
+            pos += length
+        before = []
+        for _, length in ranges:
+            before.append(raw[pos:pos + length])
+            pos += length
+        if pos != len(raw):
+            raise LogBlobError("undo entry's ranges do not add up to its size", name=label)
+        return cls(name, ranges, before, tags)
+
+
+def merge_ranges(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint (offset, length) ranges covering every byte of ``extents``."""
+    merged: list[list[int]] = []
+    for offset, length in sorted(extents):
+        end = offset + length
+        if merged and offset <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([offset, end])
+    return [(start, end - start) for start, end in merged]
