@@ -1,35 +1,53 @@
-"""The applier: folds log blobs from the cache store into seed disks, in order, once.
+"""The applier: folds log blobs into seed disks, in order, exactly once, keeping recovery points.
 
-Per disk it takes blobs in sequence order, authenticates and opens them (a
-worker thread: AES-GCM and lz4 release the GIL), checks every record against the
-disk before writing any, writes the records newer than the disk's applied
-sequence, fsyncs, records the new applied sequence, and only then deletes the
-blob. A crash between the writes and the record re-applies the same blob from
-the same starting state on restart, which yields the same bytes, so the seed
-disk is always exactly the state after its applied sequence.
+Per disk, blobs are taken in sequence order and grouped (at most one group per
+``crash_point_interval_ms`` unless a backlog needs more; a group ends at an
+application-consistent tag and at ``group_max_bytes``). For each group:
 
-A blob that fails verification stops its disk (nothing after it can be applied
-without it) and is reported with disk, blob and reason; it is never applied and
-never deleted.
+1. open and verify every blob (worker thread; AES-GCM and lz4 release the GIL) —
+   a blob that fails stops its disk and is reported, never applied;
+2. read the *before-images* of every range the group writes and store them as one
+   undo entry (durably) — that entry is the recovery point before the group;
+3. write the records newer than the disk's applied sequence, flush;
+4. record the new applied sequence (durably), then delete the applied blobs.
+
+A crash between 2 and 4 leaves an undo entry newer than the recorded state; on
+restart that entry is rolled back first (its before-images restore the exact
+pre-group state, however many writes had landed), then the group is applied
+again. So the seed disk, the journal and the list of points always agree.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
+import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.config import PolicyConfig
 from engine.keys import KeyRing
-from engine.seed import SeedDisk
+from engine.recovery.points import Point, points_of, prune_horizon
+from engine.recovery.volume import SeedState, SeedVolume
 from engine.store import CacheStore
 from engine.store.base import StoreError
-from protocol import LogBlobError
-from protocol.logblob import WriteRecord, iter_records, open_blob, parse_blob_name
+from protocol import LogBlobError, TagKind
+from protocol.journal import EntryName, EntryTag, UndoEntry, merge_ranges
+from protocol.logblob import BlobHeader, TagRecord, WriteRecord, iter_records, open_blob, parse_blob_name
 
 log = logging.getLogger(__name__)
+
+VolumeFactory = Callable[[str], SeedVolume]
+PolicyLookup = Callable[[str], PolicyConfig]
+
+
+class ApplierLocked(RuntimeError):
+    """Another applier owns this seed directory; two appliers would corrupt it."""
 
 
 @dataclass(frozen=True)
@@ -39,39 +57,106 @@ class ApplyFailure:
     reason: str
 
 
+@dataclass
+class _Opened:
+    name: str
+    header: BlobHeader
+    records: list[WriteRecord | TagRecord]
+
+
+@dataclass
+class DiskState:
+    """What the applier holds in memory for one disk."""
+
+    volume: SeedVolume
+    state: SeedState
+    entries: list[EntryName]
+    last_group: float = 0.0  # monotonic time of the last apply group
+    pins: Counter[int] = field(default_factory=Counter)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one apply or rollback at a time per disk
+
+
 class Applier:
-    def __init__(self, store: CacheStore, keys: KeyRing, seed_dir: Path, *, poll_s: float = 0.2,
-                 fsync: bool = True, threads: int = 2) -> None:
+    def __init__(self, store: CacheStore, keys: KeyRing, volumes: VolumeFactory, policy_for: PolicyLookup, *,
+                 poll_s: float = 0.2, group_max_bytes: int = 64 * 1024 * 1024, prune_interval_s: float = 30.0,
+                 threads: int = 2) -> None:
         self.store = store
         self.keys = keys
-        self.seed_dir = seed_dir
+        self.volumes = volumes
+        self.policy_for = policy_for
         self.poll_s = poll_s
-        self.fsync = fsync
+        self.group_max_bytes = group_max_bytes
+        self.prune_interval_s = prune_interval_s
         self.failures: dict[str, ApplyFailure] = {}
-        self.seeds: dict[str, SeedDisk] = {}
+        self.disks: dict[str, DiskState] = {}
         self.applied_listeners: list[Callable[[str, int], None]] = []
+        self.stats = ApplierStats()
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="apply")
         self._wake = asyncio.Event()
         self._pass_lock = asyncio.Lock()  # one pass at a time: a disk is never applied by two tasks
         self._stopping = False
-        seed_dir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------ state
 
     def notify(self) -> None:
         """New blobs were stored: look now instead of at the next poll."""
         self._wake.set()
 
     def applied_seq(self, disk: str) -> int:
-        seed = self.seeds.get(disk)
-        if seed is not None:
-            return seed.state.applied_seq
-        state = SeedDisk.load_state(self.seed_dir, disk)
-        return state.applied_seq if state else 0
+        d = self.disks.get(disk)
+        return d.state.applied_seq if d else 0
+
+    def points(self, disk: str) -> list[Point]:
+        d = self.disks.get(disk)
+        return points_of(disk, d.entries) if d else []
+
+    async def disk(self, name: str, size: int = 0) -> DiskState:
+        """The disk's in-memory state, opening its volume (and recovering it) on first use."""
+        d = self.disks.get(name)
+        if d is None:
+            volume = self.volumes(name)
+            state = await volume.load_state() or SeedState(name, size)
+            entries = sorted((e for n in await volume.list_entries() if (e := EntryName.parse(n))),
+                             key=lambda e: e.seq_to)
+            d = DiskState(volume, state, entries)
+            await self._roll_back_uncommitted(d)
+            self.disks[name] = d
+        return d
+
+    async def open_existing(self) -> None:
+        """Open every disk the volumes already know (so points and state are listed before new blobs arrive)."""
+        for name in await self.known_disks():
+            await self.disk(name)
+
+    async def known_disks(self) -> list[str]:
+        lister = getattr(self.volumes, "list_disks", None)
+        return list(await lister()) if lister else []
+
+    async def _roll_back_uncommitted(self, d: DiskState) -> None:
+        uncommitted = [e for e in d.entries if e.seq_to > d.state.applied_seq]
+        if not uncommitted:
+            return
+        await d.volume.ensure_size(d.state.disk_size)
+        for name in sorted(uncommitted, key=lambda e: e.seq_to, reverse=True):
+            entry = UndoEntry.decode(await d.volume.get_entry(str(name)), name)
+            await d.volume.write_ranges(list(zip((o for o, _ in entry.ranges), entry.before)))
+            await d.volume.flush()
+            await d.volume.delete_entry(str(name))
+            log.warning("applier: disk %r: rolled back an apply group interrupted by a crash (sequences %d-%d)",
+                        d.state.disk, name.seq_from + 1, name.seq_to)
+        d.entries = [e for e in d.entries if e.seq_to <= d.state.applied_seq]
+
+    # ------------------------------------------------------------ running
 
     async def run(self) -> None:
+        last_prune = 0.0
         while not self._stopping:
             self._wake.clear()
             try:
                 await self.apply_available()
+                if time.monotonic() - last_prune >= self.prune_interval_s:
+                    await self.prune()
+                    last_prune = time.monotonic()
             except StoreError as exc:
                 log.warning("applier: cache store unavailable (%s); retrying", exc)
             try:
@@ -79,77 +164,212 @@ class Applier:
             except asyncio.TimeoutError:
                 pass
 
-    async def apply_available(self) -> int:
-        """Apply every blob that is next in line for its disk; returns how many were applied."""
-        async with self._pass_lock:
-            return await self._apply_pass()
-
-    async def _apply_pass(self) -> int:
+    async def pending(self) -> dict[str, list[tuple[int, int, str]]]:
+        """Blobs in the cache store, per disk, in sequence order."""
         by_disk: dict[str, list[tuple[int, int, str]]] = {}
         for name in await self.store.list_blobs():
             parsed = parse_blob_name(name)
             if parsed is not None:
                 disk, first, last = parsed
                 by_disk.setdefault(disk, []).append((first, last, name))
-        counts = await asyncio.gather(*(self._apply_disk(disk, sorted(blobs)) for disk, blobs in by_disk.items()))
-        return sum(counts)
+        return {disk: sorted(blobs) for disk, blobs in by_disk.items()}
 
-    async def _apply_disk(self, disk: str, blobs: list[tuple[int, int, str]]) -> int:
-        applied = 0
+    async def apply_available(self, *, force: bool = False, only: str | None = None) -> int:
+        """Apply what is next in line; ``force`` ignores the point interval (used by "latest" failover)."""
+        async with self._pass_lock:
+            pending = await self.pending()
+            if only is not None:
+                pending = {only: pending.get(only, [])}
+            counts = await asyncio.gather(*(self._apply_disk(disk, blobs, force)
+                                            for disk, blobs in pending.items() if blobs))
+            return sum(counts)
+
+    async def catch_up(self, disk: str) -> int:
+        """Apply every blob of ``disk`` already in the cache store; returns the applied sequence."""
+        while await self.apply_available(force=True, only=disk):
+            pass
+        return self.applied_seq(disk)
+
+    async def _apply_disk(self, disk: str, blobs: list[tuple[int, int, str]], force: bool) -> int:
         if disk in self.failures:
             return 0
-        loop = asyncio.get_running_loop()
-        for first, last, name in blobs:
-            current = self.applied_seq(disk)
-            if last <= current:  # applied before a crash took away the chance to delete it
+        d = await self.disk(disk)
+        if d.state.committed_failover:
+            for _, _, name in blobs:  # replication of a committed disk has stopped
                 await self.store.delete(name)
-                continue
-            if first > current + 1:  # an earlier blob is still being uploaded
-                break
-            data = await self.store.get(name)
-            try:
-                seq = await loop.run_in_executor(self._executor, self._apply_blob, disk, name, data)
-            except LogBlobError as exc:
-                self.failures[disk] = ApplyFailure(disk, name, exc.reason)
-                log.error("applier: disk %r blob %s not applied: %s; the disk is stopped until this is resolved",
-                          disk, name, exc.reason)
-                break
-            await self.store.delete(name)
-            applied += 1
-            for listener in self.applied_listeners:
-                listener(disk, seq)
+            return 0
+        interval = self.policy_for(disk).crash_point_interval_ms / 1000
+        if not force and time.monotonic() - d.last_group < interval:
+            return 0
+        applied = 0
+        async with d.lock:
+            queue = list(blobs)
+            while queue:
+                current = d.state.applied_seq
+                stale = [b for b in queue if b[1] <= current]  # applied before a crash took away the delete
+                for _, _, name in stale:
+                    await self.store.delete(name)
+                queue = [b for b in queue if b[1] > current]
+                if not queue or queue[0][0] > current + 1:  # nothing, or an earlier blob is still uploading
+                    break
+                try:
+                    group = await self._open_group(disk, queue, current)
+                except LogBlobError as exc:
+                    self.failures[disk] = ApplyFailure(disk, exc.name or "?", exc.reason)
+                    self.stats.failed_blobs += 1
+                    log.error("applier: disk %r blob %s not applied: %s; the disk is stopped until this is "
+                              "resolved", disk, exc.name, exc.reason)
+                    break
+                await self._apply_group(d, group)
+                for blob in group:
+                    await self.store.delete(blob.name)
+                queue = queue[len(group):]
+                applied += len(group)
+            d.last_group = time.monotonic()
         return applied
 
-    def _seed(self, disk: str, size: int) -> SeedDisk:
-        seed = self.seeds.get(disk)
-        if seed is None:
-            seed = self.seeds[disk] = SeedDisk(self.seed_dir, disk, size, fsync=self.fsync)
-        return seed
+    async def _open_group(self, disk: str, queue: list[tuple[int, int, str]], current: int) -> list[_Opened]:
+        loop = asyncio.get_running_loop()
+        group: list[_Opened] = []
+        size = 0
+        expected = current + 1
+        for first, last, name in queue:
+            if first > expected:
+                break
+            data = await self.store.get(name)
+            opened = await loop.run_in_executor(self._executor, self._open_blob, disk, name, data, first, last)
+            group.append(opened)
+            size += opened.header.raw_size
+            expected = last + 1
+            ends_with_app = isinstance(opened.records[-1], TagRecord) and opened.records[-1].kind is TagKind.APP
+            if ends_with_app or size >= self.group_max_bytes:
+                break
+        return group
 
-    def _apply_blob(self, disk: str, name: str, data: bytes) -> int:
-        """Worker thread: verify, then apply. Raises LogBlobError before writing anything."""
+    def _open_blob(self, disk: str, name: str, data: bytes, first: int, last: int) -> _Opened:
+        """Worker thread: authenticate and check a blob completely before anything is written."""
         header, plain = open_blob(data, self.keys.lookup, name=name)
-        if header.disk != disk:
-            raise LogBlobError(f"blob names disk {header.disk!r} in its header", disk=disk, name=name)
+        if (header.disk, header.first_seq, header.last_seq) != (disk, first, last):
+            raise LogBlobError(f"header says disk {header.disk!r} sequences {header.first_seq}-{header.last_seq}, "
+                               "not what its name says (renamed in the store?)", disk=disk, name=name)
         records = list(iter_records(plain, header, name=name))
         for record in records:
             if isinstance(record, WriteRecord) and record.offset + len(record.data) > header.disk_size:
                 raise LogBlobError(f"record {record.seq} writes beyond the disk size {header.disk_size}",
                                    disk=disk, name=name)
-        seed = self._seed(disk, header.disk_size)
-        seed.ensure_size(header.disk_size)
-        start = seed.state.applied_seq
-        written = 0
-        for record in records:
-            if record.seq > start and isinstance(record, WriteRecord):
-                seed.pwrite(record.offset, record.data)
-                written += len(record.data)
-        seed.commit(header.last_seq, header.last_source_us, written)
-        return header.last_seq
+        return _Opened(name, header, records)
+
+    async def _apply_group(self, d: DiskState, group: list[_Opened]) -> None:
+        current = d.state.applied_seq
+        writes: list[tuple[int, memoryview]] = []
+        tags: list[EntryTag] = []
+        for blob in group:
+            for record in blob.records:
+                if record.seq <= current:
+                    continue
+                if isinstance(record, WriteRecord):
+                    writes.append((record.offset, record.data))
+                else:
+                    tags.append(EntryTag(record.seq, record.kind, record.tag_id))
+        last = group[-1].header
+        ends_with_tag = bool(tags) and tags[-1].seq == last.last_seq
+        name = EntryName(current, last.last_seq, ends_with_tag and tags[-1].kind is TagKind.APP,
+                         max(b.header.last_source_us for b in group), time.time_ns() // 1000,
+                         tags[-1].tag_id if ends_with_tag else "")
+        disk_size = max(last.disk_size, d.state.disk_size)
+        await d.volume.ensure_size(disk_size)
+        ranges = merge_ranges([(offset, len(data)) for offset, data in writes])
+        before = await d.volume.read_ranges(ranges)
+        entry = await asyncio.get_running_loop().run_in_executor(
+            self._executor, UndoEntry(name, ranges, before, tags).encode)
+        await d.volume.put_entry(str(name), entry)  # 2. the point before this group is durable
+        d.entries.append(name)
+        await d.volume.write_ranges(writes)  # 3.
+        await d.volume.flush()
+        written = sum(len(data) for _, data in writes)
+        d.state.disk_size = disk_size
+        d.state.applied_seq = last.last_seq
+        d.state.last_source_us = max(d.state.last_source_us, name.source_us)
+        d.state.applied_bytes += written
+        await d.volume.save_state(d.state)  # 4.
+        self.stats.applied_bytes += written
+        self.stats.journal_bytes += len(entry)
+        self.stats.groups += 1
+        for listener in self.applied_listeners:
+            listener(d.state.disk, d.state.applied_seq)
+
+    # ------------------------------------------------------------ retention
+
+    async def prune(self, now_us: int | None = None) -> int:
+        """Drop undo entries no retained point needs, oldest first (a crash mid-way leaves a valid journal)."""
+        now_us = now_us if now_us is not None else time.time_ns() // 1000
+        removed = 0
+        for disk, d in list(self.disks.items()):
+            retention_us = int(self.policy_for(disk).retention_hours * 3600e6)
+            horizon = prune_horizon(d.entries, now_us=now_us, retention_us=retention_us,
+                                    pinned=list(d.pins), applied_seq=d.state.applied_seq)
+            for name in [e for e in d.entries if e.seq_to < horizon]:
+                await d.volume.delete_entry(str(name))
+                d.entries.remove(name)
+                removed += 1
+        self.stats.pruned_entries += removed
+        return removed
 
     async def close(self) -> None:
         self._stopping = True
         self._wake.set()
+        async with self._pass_lock:
+            pass
         self._executor.shutdown(wait=True)
-        for seed in self.seeds.values():
-            seed.close()
+        for d in self.disks.values():
+            await d.volume.close()
+
+
+@dataclass
+class ApplierStats:
+    applied_bytes: int = 0
+    journal_bytes: int = 0
+    groups: int = 0
+    pruned_entries: int = 0
+    failed_blobs: int = 0
+
+
+class ApplierLock:
+    """An exclusive lock on a seed directory (flock), held for the life of an applier."""
+
+    def __init__(self, seed_dir: Path) -> None:
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        self.path = seed_dir / ".applier.lock"
+        self._fd: int | None = None
+
+    def acquire(self, info: str = "") -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise ApplierLocked(f"another applier is running on {self.path.parent} ({holder or 'unknown'})") \
+                from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (info or f"pid {os.getpid()}").encode(), 0)
+        self._fd = fd
+
+    def holder(self) -> str | None:
+        """What the running applier wrote into the lock (e.g. its admin URL), or None if none runs."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
+        return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -78,25 +79,28 @@ def serve(config_path: Path | None) -> None:
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config file.")
 def apply(config_path: Path | None) -> None:
     """Run the applier alone: cache store → seed disks."""
-    from engine.applier import Applier
-    from engine.server import load_keyring, open_store
+    from engine.applier import ApplierLock, ApplierLocked
+    from engine.server import build_applier, load_keyring, open_store
 
     config = _config(config_path)
 
     async def run() -> None:
+        lock = ApplierLock(config.seed_dir)
         try:
             keys = load_keyring(config, create=False)
-        except KeyFileError as exc:
+            lock.acquire(f"pid {os.getpid()} (blockferry apply)")
+        except (KeyFileError, ApplierLocked) as exc:
             raise click.ClickException(str(exc)) from None
         store = open_store(config)
-        applier = Applier(store, keys, config.seed_dir, poll_s=config.applier.poll_ms / 1000,
-                          fsync=config.applier.fsync)
+        applier = build_applier(config, store, keys)
+        await applier.open_existing()
         console.print(f"applier: {config.store_dir} → {config.seed_dir}")
         try:
             await applier.run()
         finally:
             await applier.close()
             await store.close()
+            lock.release()
 
     try:
         _run(run())

@@ -8,12 +8,17 @@ dotted path, e.g. ``batch.max_bytes``, and say why it was refused.
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import re
 import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ByteSize, ConfigDict, Field, SecretStr, ValidationError, field_validator,
+                      model_validator)
 
 
 class ConfigError(Exception):
@@ -82,9 +87,133 @@ class UploadConfig(_Section):
                                                            "uploads are retried until they succeed.")
 
 
+AZURE_ENV = {  # setting of [store.azure] -> environment variable consulted when the setting is absent
+    "connection_string": "BLOCKFERRY_AZURE_CONNECTION_STRING",
+    "account_url": "BLOCKFERRY_AZURE_ACCOUNT_URL",
+    "account_key": "BLOCKFERRY_AZURE_ACCOUNT_KEY",
+    "sas_token": "BLOCKFERRY_AZURE_SAS_TOKEN",
+}
+_CONTAINER_NAME = re.compile(r"[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]")
+
+
+@dataclass(frozen=True)
+class AzureCredentials:
+    """Resolved account settings. ``repr`` shows where each part came from, never a secret."""
+
+    source: str                                      # "[store.azure]" or "environment"
+    connection_string: SecretStr | None = None
+    account_url: str | None = None
+    credential: SecretStr | None = None              # account key or SAS token
+    method: Literal["connection_string", "account_key", "sas_token"] = "connection_string"
+
+
+class AzureStoreConfig(_Section):
+    """Azure Blob Storage cache account (used when store.kind = "azure"). Credentials are taken from this table
+    if it holds any, else from the environment (BLOCKFERRY_AZURE_CONNECTION_STRING, or BLOCKFERRY_AZURE_ACCOUNT_URL
+    with BLOCKFERRY_AZURE_SAS_TOKEN or BLOCKFERRY_AZURE_ACCOUNT_KEY); secrets are never printed."""
+
+    connection_string: SecretStr | None = Field(
+        None, description="Storage connection string (holds the account key: prefer the environment variable "
+                          "BLOCKFERRY_AZURE_CONNECTION_STRING); empty: use account_url with sas_token or account_key.")
+    account_url: str | None = Field(
+        None, description="Blob endpoint such as https://<account>.blob.core.windows.net; empty: "
+                          "BLOCKFERRY_AZURE_ACCOUNT_URL. Not used with a connection string.")
+    account_key: SecretStr | None = Field(
+        None, description="Shared account key for account_url; empty: BLOCKFERRY_AZURE_ACCOUNT_KEY.")
+    sas_token: SecretStr | None = Field(
+        None, description="SAS token for account_url (needs read, add, create, write, delete and list on the "
+                          "container); empty: BLOCKFERRY_AZURE_SAS_TOKEN.")
+    container: str = Field("blockferry-cache", description="Container of the log blobs; created if missing.")
+    prefix: str = Field("", description="Blob-name prefix (a virtual folder such as \"ps1/\") so several process "
+                                        "servers can share one container; \"\" = none.")
+    max_concurrency: int = Field(2, ge=1, le=64, description="Parallel requests for one blob (its blocks or "
+                                                             "download ranges); at most upload.concurrency times "
+                                                             "this many requests are in flight.")
+    single_put_max_bytes: ByteSize = Field(ByteSize(64 * 1024 * 1024), ge=1024 * 1024, le=5000 * 1024 * 1024,
+                                           description="Blobs up to this size are uploaded with one Put Blob "
+                                                       "request (one transaction); larger ones as blocks.")
+    block_bytes: ByteSize = Field(ByteSize(4 * 1024 * 1024), ge=64 * 1024, le=4000 * 1024 * 1024,
+                                  description="Block size for blobs larger than single_put_max_bytes.")
+    timeout_s: float = Field(30.0, gt=0, description="Network timeout of one request (connect, and each read) (s).")
+    retry_total: int = Field(3, ge=0, le=20, description="Retries of one request inside the Azure SDK (exponential "
+                                                         "backoff with jitter) before the pipeline's own endless "
+                                                         "upload retry takes over.")
+    retry_initial_ms: float = Field(250.0, gt=0, description="First SDK retry delay (ms); doubles per retry.")
+    retry_max_ms: float = Field(8000.0, gt=0, description="Cap of the SDK retry delay (ms).")
+
+    @field_validator("container")
+    @classmethod
+    def _container_name(cls, value: str) -> str:
+        if not _CONTAINER_NAME.fullmatch(value):
+            raise ValueError("an Azure container name is 3-63 characters of a-z, 0-9 and single hyphens, "
+                             "starting and ending with a letter or digit")
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if value.startswith("/") or ".." in value.split("/") or "\\" in value:
+            raise ValueError("a blob-name prefix must not start with '/' or contain '..' or '\\'")
+        return value if not value or value.endswith("/") else value + "/"
+
+    @field_validator("account_url")
+    @classmethod
+    def _account_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"https?://[^/?#\s]+", value):
+            raise ValueError("must be an http(s) URL such as https://<account>.blob.core.windows.net")
+        if value is not None and "?" in value:
+            raise ValueError("must not carry a query string: put a SAS token in store.azure.sas_token")
+        return value
+
+    def credentials(self, environ: Mapping[str, str] | None = None) -> AzureCredentials:
+        """The account settings to connect with, from this table or else the environment.
+
+        Raises ValueError naming the ``store.azure.*`` keys (and variables) when they are missing or ambiguous.
+        """
+        env = os.environ if environ is None else environ
+        secrets = ("connection_string", "account_key", "sas_token")
+        if any(getattr(self, key) is not None for key in secrets):
+            source = "[store.azure]"
+            values = {key: getattr(self, key) for key in secrets}
+        else:
+            source = "environment"
+            values = {key: SecretStr(env[AZURE_ENV[key]]) if env.get(AZURE_ENV[key]) else None for key in secrets}
+        url = self.account_url or env.get(AZURE_ENV["account_url"]) or None
+        names = {key: f"store.azure.{key}" if source == "[store.azure]" else AZURE_ENV[key] for key in secrets}
+        given = [key for key in secrets if values[key] is not None]
+        if values["connection_string"] is not None:
+            if len(given) > 1:
+                raise ValueError(f"{names['connection_string']} is set together with "
+                                 f"{' and '.join(names[k] for k in given[1:])}: set only one way to authenticate")
+            if self.account_url is not None:
+                raise ValueError("store.azure.account_url is not used with a connection string (which names the "
+                                 "endpoint): set only one of them")
+            return AzureCredentials(source, connection_string=values["connection_string"])
+        if not given:
+            raise ValueError(
+                'store.kind = "azure" needs credentials: set store.azure.connection_string, or store.azure.account_url '
+                "with store.azure.sas_token or store.azure.account_key (or the environment variables "
+                f"{', '.join(AZURE_ENV.values())})")
+        if len(given) > 1:
+            raise ValueError(f"{names['account_key']} and {names['sas_token']} are both set: set only one")
+        if url is None:
+            raise ValueError(f"{names[given[0]]} needs store.azure.account_url (or {AZURE_ENV['account_url']})")
+        if not re.match(r"https?://[^/?#\s]+", url) or "?" in url:
+            raise ValueError(f"{AZURE_ENV['account_url']} must be an http(s) URL without a query string")
+        return AzureCredentials(source, account_url=url, credential=values[given[0]], method=given[0])
+
+
 class StoreConfig(_Section):
-    kind: Literal["local"] = Field("local", description="Cache store backend: 'local' (a directory).")
+    kind: Literal["local", "azure"] = Field("local", description="Cache store backend: 'local' (a directory) or "
+                                                                 "'azure' (Azure Blob Storage, see [store.azure]).")
     path: Path | None = Field(None, description="Directory of the local cache store; empty: <data_dir>/cache.")
+    azure: AzureStoreConfig = Field(default_factory=AzureStoreConfig)
+
+    @model_validator(mode="after")
+    def _azure_needs_credentials(self) -> StoreConfig:
+        if self.kind == "azure":
+            self.azure.credentials()
+        return self
 
 
 class KeysConfig(_Section):
@@ -100,6 +229,40 @@ class ApplierConfig(_Section):
                                                     "applier state; empty: <data_dir>/seed.")
     poll_ms: float = Field(200.0, gt=0, description="How often the applier looks for new log blobs (ms).")
     fsync: bool = Field(True, description="fsync the seed disk before recording progress (keep on).")
+    group_max_bytes: ByteSize = Field(ByteSize(64 * 1024 * 1024), ge=1024 * 1024,
+                                      description="Most log-blob payload folded into one apply group (one undo "
+                                                  "entry); a backlog is applied as several groups.")
+    prune_interval_s: float = Field(30.0, gt=0, description="How often recovery points beyond retention are "
+                                                            "pruned (s); pruning never pauses applying.")
+
+
+class PolicyConfig(_Section):
+    """A replication policy (ASR's term): recovery-point retention and the RPO alert threshold."""
+
+    disks: list[str] = Field(default_factory=lambda: ["*"],
+                             description="Disk-id patterns (fnmatch) this policy applies to.")
+    retention_hours: float = Field(72.0, gt=0, le=360, description="How far back recovery points are kept "
+                                                                   "(hours, at most 15 days).")
+    crash_point_interval_ms: float = Field(1000.0, ge=0, description="Granularity of crash-consistent points "
+                                                                     "(ms): the applier folds what arrived within "
+                                                                     "this interval into one point; 0 = every "
+                                                                     "log blob. App-consistent tags always "
+                                                                     "get their own point.")
+    rpo_threshold_s: float = Field(900.0, gt=0, description="Alert when a disk's recoverable lag (its RPO) "
+                                                            "exceeds this (s); alerts only, changes nothing.")
+
+
+class HttpConfig(_Section):
+    listen: str = Field("127.0.0.1", description="Address of the metrics/health/admin HTTP endpoint.")
+    port: int = Field(9464, ge=0, le=65535, description="Port of /metrics (Prometheus), /healthz and /api; "
+                                                        "0 picks a free port.")
+    enabled: bool = Field(True, description="Serve the HTTP endpoint from `serve` and `apply`.")
+
+
+class AlertsConfig(_Section):
+    webhook_url: str | None = Field(None, description="POST a JSON event here when a disk crosses its RPO "
+                                                      "threshold and when it recovers; empty: log only.")
+    webhook_timeout_s: float = Field(5.0, gt=0, description="Timeout of one webhook POST (s).")
 
 
 class Config(_Section):
@@ -111,6 +274,12 @@ class Config(_Section):
     store: StoreConfig = Field(default_factory=StoreConfig)
     keys: KeysConfig = Field(default_factory=KeysConfig)
     applier: ApplierConfig = Field(default_factory=ApplierConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="The default replication policy.")
+    policies: dict[str, PolicyConfig] = Field(
+        default_factory=dict, description="Named policies; the first whose `disks` patterns match a disk wins, "
+                                          "else the default `policy`.")
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -145,6 +314,12 @@ class Config(_Section):
     @property
     def state_dir(self) -> Path:
         return self.server.data_dir / "state"
+
+    def policy_for(self, disk: str) -> PolicyConfig:
+        for policy in self.policies.values():
+            if any(fnmatch.fnmatchcase(disk, pattern) for pattern in policy.disks):
+                return policy
+        return self.policy
 
     @property
     def seal_threads(self) -> int:

@@ -89,7 +89,7 @@ def _progress_table(server: ProcessServer, agent: Agent, started: float) -> Tabl
 async def run_demo(data_dir: Path, *, seconds: float = 20.0, disk_size: int = 256 * 1024 * 1024, disks: int = 2,
                    console: Console | None = None) -> DemoResult:
     console = console or Console()
-    config = Config.model_validate({"server": {"data_dir": str(data_dir), "port": 0}})
+    config = Config.model_validate({"server": {"data_dir": str(data_dir), "port": 0}, "http": {"port": 0}})
     pool = ContentPool()
     async with ProcessServer(config) as server:
         info = server.connect_info

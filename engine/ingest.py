@@ -14,6 +14,7 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Callable
 
 from engine.auth import AgentEntry, AgentRegistry
 from engine.disks import DiskRegistry
@@ -43,9 +44,10 @@ log = logging.getLogger(__name__)
 class IngestContext:
     """What every connection shares: the pipeline, who may connect, which disks exist."""
 
-    def __init__(self, pipeline: Pipeline, agents: AgentRegistry, disks: DiskRegistry, *, server_name: str,
-                 max_frame: int, read_buffer: int) -> None:
+    def __init__(self, pipeline: Pipeline, agents: AgentRegistry, disks: DiskRegistry,
+                 is_committed: Callable[[str], bool], *, server_name: str, max_frame: int, read_buffer: int) -> None:
         self.pipeline = pipeline
+        self.is_committed = is_committed
         self.agents = agents
         self.disks = disks
         self.server_name = server_name
@@ -163,6 +165,9 @@ class AgentConnection(asyncio.Protocol):
             raise RemoteProtocolError(ErrorCode.BAD_FRAME, "disk is already open on this connection",
                                       disk=frame.disk)
         info, _ = self.ctx.disks.claim(frame.disk, self.agent.agent, frame.size, frame.block_size)
+        if self.ctx.is_committed(frame.disk):
+            raise RemoteProtocolError(ErrorCode.DISK_NOT_ALLOWED, "disk was failed over and the failover "
+                                      "committed; replication of it has stopped", disk=frame.disk)
         stream = self.ctx.pipeline.stream(info)
         for other in list(stream.listeners):  # a reconnect supersedes a connection not yet known dead
             if isinstance(other, AgentConnection) and other is not self:

@@ -10,18 +10,21 @@ setup is also the zero-configuration one.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.applier import Applier
+from engine.applier import Applier, ApplierLock
 from engine.auth import AgentRegistry, ensure_default_agent
 from engine.config import Config
 from engine.disks import DiskRegistry
 from engine.ingest import AgentConnection, IngestContext
 from engine.keys import KeyRing
 from engine.pipeline import Pipeline
+from engine.recovery.volume import LocalVolumes
 from engine.spool import Spool, UploadWatermarks
 from engine.store import CacheStore, LocalStore
 from engine.tls import generate_self_signed, server_context
@@ -48,6 +51,13 @@ def load_keyring(config: Config, *, create: bool) -> KeyRing:
     return KeyRing.from_files(config.key_file, list(config.keys.old_key_files), create=create)
 
 
+def build_applier(config: Config, store: CacheStore, keys: KeyRing) -> Applier:
+    """The applier as configured (the caller holds the seed directory's ApplierLock)."""
+    return Applier(store, keys, LocalVolumes(config.seed_dir, fsync=config.applier.fsync), config.policy_for,
+                   poll_s=config.applier.poll_ms / 1000, group_max_bytes=int(config.applier.group_max_bytes),
+                   prune_interval_s=config.applier.prune_interval_s)
+
+
 class ProcessServer:
     def __init__(self, config: Config, *, run_applier: bool | None = None) -> None:
         self.config = config
@@ -59,6 +69,7 @@ class ProcessServer:
         self._server: asyncio.base_events.Server | None = None
         self._ctx: IngestContext | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._applier_lock: ApplierLock | None = None
 
     @property
     def token_file(self) -> Path:
@@ -91,11 +102,13 @@ class ProcessServer:
         self.pipeline = Pipeline(cfg, Sealer(keys.current), spool, self.store, watermarks)
         await self.pipeline.start(list(disks))
         if self.run_applier:
-            self.applier = Applier(self.store, keys, cfg.seed_dir, poll_s=cfg.applier.poll_ms / 1000,
-                                   fsync=cfg.applier.fsync)
+            self._applier_lock = ApplierLock(cfg.seed_dir)
+            self._applier_lock.acquire(f"pid {os.getpid()} (blockferry serve)")
+            self.applier = build_applier(cfg, self.store, keys)
+            await self.applier.open_existing()
             self.pipeline.stored_listeners.append(self.applier.notify)
             self._tasks.append(asyncio.create_task(self.applier.run(), name="applier"))
-        self._ctx = IngestContext(self.pipeline, agents, disks, server_name=cfg.server.name,
+        self._ctx = IngestContext(self.pipeline, agents, disks, self._is_committed, server_name=cfg.server.name,
                                   max_frame=int(cfg.server.max_frame_bytes),
                                   read_buffer=int(cfg.server.read_buffer_bytes))
         loop = asyncio.get_running_loop()
@@ -109,6 +122,13 @@ class ProcessServer:
         log.info("process server listening on %s:%d (TLS)%s", cfg.server.listen, port,
                  "; generated agent token in " + str(self.token_file) if generated_token else "")
         return self.connect_info
+
+    def _is_committed(self, disk: str) -> bool:
+        """A disk whose failover was committed no longer accepts writes."""
+        if self.applier is not None and disk in self.applier.disks:
+            return self.applier.disks[disk].state.committed_failover
+        state = self.config.seed_dir / f"{disk}.state.json"
+        return state.exists() and json.loads(state.read_text()).get("committed_failover", False)
 
     async def _keepalive(self) -> None:
         """Heartbeats to every agent; close connections that went silent (half-open TCP)."""
@@ -130,7 +150,7 @@ class ProcessServer:
         await self.pipeline.drain()
         if self.applier is not None:
             while True:
-                await self.applier.apply_available()
+                await self.applier.apply_available(force=True)
                 if all(self.applier.applied_seq(d) >= s.durable_seq or d in self.applier.failures
                        for d, s in self.pipeline.streams.items()):
                     return
@@ -149,6 +169,8 @@ class ProcessServer:
             await self.pipeline.close()
         if self.applier is not None:
             await self.applier.close()
+        if self._applier_lock is not None:
+            self._applier_lock.release()
         if self.store is not None:
             await self.store.close()
 

@@ -13,6 +13,7 @@ live inside the entry. Byte layout: docs/FORMAT.md.
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ UNDO_SUFFIX = ".undo"
 UNDO_HEADER = struct.Struct("<8sHHQQQQIIQQI")
 RANGE = struct.Struct("<QI")
 TAG = struct.Struct("<QBH")
+TAG_ID_BYTES = 48
+_ENTRY_NAME = re.compile(r"(?P<from>[0-9]{20})-(?P<to>[0-9]{20})-(?P<kind>[ac])-(?P<source>[0-9]+)-"
+                         r"(?P<recorded>[0-9]+)-(?P<tag>(?:[0-9a-f]{2})*)" + re.escape(UNDO_SUFFIX), re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,19 +43,20 @@ class EntryName:
     app: bool  # the group ended with an application-consistent tag
     source_us: int  # source time of the group's newest record
     recorded_us: int  # applier wall time when the group was applied (retention only, never ordering)
+    tag_id: str = ""  # id of the tag that ended the group, if any (at most TAG_ID_BYTES in the name)
 
     def __str__(self) -> str:
+        tag = self.tag_id.encode()[:TAG_ID_BYTES].hex()
         return (f"{self.seq_from:020d}-{self.seq_to:020d}-{'a' if self.app else 'c'}-"
-                f"{self.source_us}-{self.recorded_us}{UNDO_SUFFIX}")
+                f"{self.source_us}-{self.recorded_us}-{tag}{UNDO_SUFFIX}")
 
     @classmethod
     def parse(cls, name: str) -> EntryName | None:
-        if not name.endswith(UNDO_SUFFIX):
+        match = _ENTRY_NAME.fullmatch(name)
+        if match is None:
             return None
-        parts = name[: -len(UNDO_SUFFIX)].split("-")
-        if len(parts) != 5 or parts[2] not in ("a", "c") or not all(p.isdigit() for p in parts[:2] + parts[3:]):
-            return None
-        return cls(int(parts[0]), int(parts[1]), parts[2] == "a", int(parts[3]), int(parts[4]))
+        return cls(int(match["from"]), int(match["to"]), match["kind"] == "a", int(match["source"]),
+                   int(match["recorded"]), bytes.fromhex(match["tag"]).decode(errors="replace"))
 
 
 @dataclass(frozen=True, slots=True)

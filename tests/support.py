@@ -20,7 +20,7 @@ BLOCKFERRY = str(Path(sys.executable).parent / "blockferry")
 
 
 def make_config(data_dir: Path, **sections: dict) -> Config:
-    raw: dict = {"server": {"data_dir": str(data_dir), "port": 0}}
+    raw: dict = {"server": {"data_dir": str(data_dir), "port": 0}, "http": {"port": 0}}
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     return Config.model_validate(raw)

@@ -1,0 +1,192 @@
+"""Where a seed disk and its recovery journal live: the storage contract and the local backend.
+
+A ``SeedVolume`` is one disk's image (the newest applied state), its applier
+state record and its undo entries. The applier and failover speak only to this
+contract, so a local file and an Azure page blob behave the same. Operations are
+coarse (a whole apply group at a time) so a backend can batch and parallelise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+from engine.fsutil import write_durably
+
+Progress = Callable[[int, int], None]
+COPY_CHUNK = 4 * 1024 * 1024
+
+
+@dataclass
+class SeedState:
+    """Progress of one seed disk, recorded only after the disk itself is durable."""
+
+    disk: str
+    disk_size: int
+    applied_seq: int = 0
+    last_source_us: int = 0
+    applied_bytes: int = 0
+    failover_seq: int | None = None  # a (non-test) failover was made to this point
+    committed_failover: bool = False  # ... and committed: replication of the disk has stopped
+
+
+class SeedVolume(Protocol):
+    disk: str
+
+    async def load_state(self) -> SeedState | None: ...
+
+    async def save_state(self, state: SeedState) -> None:
+        """Atomic and durable: after a crash, either the old or the new state."""
+
+    async def ensure_size(self, size: int) -> None: ...
+
+    async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]: ...
+
+    async def write_ranges(self, writes: Sequence[tuple[int, bytes | memoryview]]) -> None:
+        """Apply in the given order (later writes win where they overlap)."""
+
+    async def flush(self) -> None:
+        """Make every write so far durable."""
+
+    async def put_entry(self, name: str, data: bytes) -> None:
+        """Store an undo entry atomically and durably."""
+
+    async def list_entries(self) -> list[str]: ...
+
+    async def get_entry(self, name: str) -> bytes: ...
+
+    async def delete_entry(self, name: str) -> None: ...
+
+    async def copy_image_to(self, path: Path, progress: Progress | None = None) -> int:
+        """Copy the image to a local sparse file (holes stay holes); returns its size."""
+
+    async def close(self) -> None: ...
+
+
+class LocalVolumes:
+    """Opens local volumes under one directory (the applier's seed_dir)."""
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = root
+        self.fsync = fsync
+        root.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, disk: str) -> LocalVolume:
+        return LocalVolume(self.root, disk, fsync=self.fsync)
+
+    async def list_disks(self) -> list[str]:
+        suffix = ".state.json"
+        return sorted(p.name[: -len(suffix)] for p in self.root.glob(f"*{suffix}"))
+
+
+class LocalVolume:
+    """``<root>/<disk>.img`` (sparse), ``<disk>.state.json`` and ``journal/<disk>/*.undo``."""
+
+    def __init__(self, root: Path, disk: str, *, fsync: bool = True) -> None:
+        self.disk = disk
+        self.root = root
+        self.fsync = fsync
+        self.image_path = root / f"{disk}.img"
+        self.state_path = root / f"{disk}.state.json"
+        self.journal_dir = root / "journal" / disk
+        self.journal_dir.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.image_path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    async def load_state(self) -> SeedState | None:
+        if not self.state_path.exists():
+            return None
+        return SeedState(**json.loads(self.state_path.read_text()))
+
+    async def save_state(self, state: SeedState) -> None:
+        data = json.dumps(asdict(state)).encode()
+        await asyncio.to_thread(write_durably, self.state_path, data, fsync=self.fsync, mode=0o644)
+
+    async def ensure_size(self, size: int) -> None:
+        if os.fstat(self._fd).st_size < size:
+            os.ftruncate(self._fd, size)  # sparse: unwritten ranges cost no space
+
+    async def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        return await asyncio.to_thread(self._read_ranges, ranges)
+
+    def _read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        out = []
+        for offset, length in ranges:
+            data = os.pread(self._fd, length, offset)
+            out.append(data + bytes(length - len(data)) if len(data) < length else data)
+        return out
+
+    async def write_ranges(self, writes: Sequence[tuple[int, bytes | memoryview]]) -> None:
+        await asyncio.to_thread(self._write_ranges, writes)
+
+    def _write_ranges(self, writes: Sequence[tuple[int, bytes | memoryview]]) -> None:
+        for offset, data in writes:
+            view = memoryview(data)
+            while view:
+                written = os.pwrite(self._fd, view, offset)
+                view, offset = view[written:], offset + written
+
+    async def flush(self) -> None:
+        if self.fsync:
+            await asyncio.to_thread(os.fsync, self._fd)
+
+    async def put_entry(self, name: str, data: bytes) -> None:
+        await asyncio.to_thread(write_durably, self.journal_dir / name, data, fsync=self.fsync, mode=0o600)
+
+    async def list_entries(self) -> list[str]:
+        return sorted(n for n in os.listdir(self.journal_dir) if not n.startswith("."))
+
+    async def get_entry(self, name: str) -> bytes:
+        return await asyncio.to_thread((self.journal_dir / name).read_bytes)
+
+    async def delete_entry(self, name: str) -> None:
+        try:
+            await asyncio.to_thread(os.unlink, self.journal_dir / name)
+        except FileNotFoundError:
+            pass
+
+    async def copy_image_to(self, path: Path, progress: Progress | None = None) -> int:
+        return await asyncio.to_thread(sparse_copy, self._fd, path, progress)
+
+    async def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def sparse_copy(src_fd: int, path: Path, progress: Progress | None = None) -> int:
+    """Copy only the data extents of ``src_fd`` (SEEK_DATA/SEEK_HOLE); the copy stays sparse."""
+    size = os.fstat(src_fd).st_size
+    dst = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(dst, size)
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(src_fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole remains
+                    break
+                raise
+            end = os.lseek(src_fd, start, os.SEEK_HOLE)
+            while start < end:
+                chunk = os.pread(src_fd, min(COPY_CHUNK, end - start), start)
+                if not chunk:
+                    break
+                if chunk.count(0) != len(chunk):  # all-zero data extents stay holes in the copy
+                    os.pwrite(dst, chunk, start)
+                start += len(chunk)
+                if progress:
+                    progress(start, size)
+            offset = end
+        os.fsync(dst)
+    finally:
+        os.close(dst)
+    if progress:
+        progress(size, size)
+    return size
