@@ -91,6 +91,7 @@ class Applier:
         self.disks: dict[str, DiskState] = {}
         self.applied_listeners: list[Callable[[str, int], None]] = []
         self.stats = ApplierStats()
+        self.first_seen: dict[str, dict[str, int]] = {}  # disk → pending blob → when this applier first saw it
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="apply")
         self._wake = asyncio.Event()
         self._pass_lock = asyncio.Lock()  # one pass at a time: a disk is never applied by two tasks
@@ -172,7 +173,15 @@ class Applier:
             if parsed is not None:
                 disk, first, last = parsed
                 by_disk.setdefault(disk, []).append((first, last, name))
+        now_us = time.time_ns() // 1000
+        seen = {disk: self.first_seen.get(disk, {}) for disk in by_disk}
+        self.first_seen = {disk: {name: seen[disk].get(name, now_us) for _, _, name in blobs}
+                           for disk, blobs in by_disk.items()}
         return {disk: sorted(blobs) for disk, blobs in by_disk.items()}
+
+    def oldest_pending_us(self, disk: str) -> int | None:
+        """When the oldest blob of ``disk`` still waiting to be applied was first seen (None: none waits)."""
+        return min(self.first_seen.get(disk, {}).values(), default=None)
 
     async def apply_available(self, *, force: bool = False, only: str | None = None) -> int:
         """Apply what is next in line; ``force`` ignores the point interval (used by "latest" failover)."""
@@ -223,6 +232,7 @@ class Applier:
                 await self._apply_group(d, group)
                 for blob in group:
                     await self.store.delete(blob.name)
+                    self.first_seen.get(disk, {}).pop(blob.name, None)
                 queue = queue[len(group):]
                 applied += len(group)
             d.last_group = time.monotonic()

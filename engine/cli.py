@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
 import sys
 from pathlib import Path
 
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
+
+import aiohttp
 import click
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+from rich.table import Table
 
 from engine.config import Config, ConfigError, load_config
 from engine.keys import KeyFileError, KeyRing, load_key
+
+if TYPE_CHECKING:
+    from engine.recovery.service import Recovery
+
+T = TypeVar("T")
 
 console = Console(stderr=True)
 
@@ -190,6 +201,83 @@ def agent_add(agent_id: str, config_path: Path | None, disks: str, token_file: P
     token = add_agent(config.agents_file, agent_id, tuple(d.strip() for d in disks.split(",") if d.strip()))
     write_durably(token_file, (token + "\n").encode(), mode=0o600)
     console.print(f"agent {agent_id} added to {config.agents_file}; token in {token_file}")
+
+
+# ---------------------------------------------------------------- recovery points and failover
+
+def _recovery_call(config_path: Path | None, operation: Callable[[Recovery], Awaitable[T]]) -> T:
+    from engine.applier import ApplierLocked
+    from engine.recovery.service import RecoveryError, open_recovery
+
+    config = _config(config_path)
+
+    async def run() -> T:
+        async with open_recovery(config) as recovery:
+            return await operation(recovery)
+
+    try:
+        return _run(run())  # type: ignore[return-value]
+    except (RecoveryError, ApplierLocked, KeyFileError, aiohttp.ClientError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.group()
+def points() -> None:
+    """Recovery points of a disk."""
+
+
+@points.command("list")
+@click.option("--disk", required=True, help="Disk id.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config file.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def points_list(disk: str, config_path: Path | None, as_json: bool) -> None:
+    """List a disk's retained recovery points, oldest first."""
+    found = _recovery_call(config_path, lambda r: r.points(disk))
+    if as_json:
+        click.echo(json.dumps([p.as_dict() for p in found], indent=2))
+        return
+    table = Table(title=f"recovery points of {disk}")
+    for column in ("id", "source time (UTC)", "sequence", "kind", "tag"):
+        table.add_column(column)
+    for p in found:
+        table.add_row(p.id, p.source_time.isoformat(timespec="milliseconds"), str(p.seq), p.kind, p.tag_id)
+    Console().print(table)
+
+
+@main.group(invoke_without_command=True)
+@click.option("--disk", help="Disk id.")
+@click.option("--point", default="latest", show_default=True,
+              help="latest (apply the backlog first: lowest RPO), latest-processed (no wait: lowest RTO), "
+                   "latest-app, a point id, or an ISO time (the newest point at or before it).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Where to write the disk image.")
+@click.option("--test", is_flag=True, help="Test failover: nothing about the disk or its replication changes.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config file.")
+@click.pass_context
+def failover(ctx: click.Context, disk: str | None, point: str, out: Path | None, test: bool,
+             config_path: Path | None) -> None:
+    """Materialise a recovery point of a disk as a sparse image (`failover commit` to commit)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if not disk or not out:
+        raise click.UsageError("failover needs --disk and --out")
+    with Progress(*Progress.get_default_columns()[:-1], DownloadColumn(), TransferSpeedColumn(),
+                  console=console) as bar:
+        task = bar.add_task(f"{'test ' if test else ''}failover of {disk} to {point}", total=None)
+        result = _recovery_call(config_path, lambda r: r.failover(
+            disk, point, out, test=test, progress=lambda done, total: bar.update(task, completed=done, total=total)))
+    console.print(f"{'test ' if test else ''}failover of {disk}: point {result['seq']} written to {result['out']} "
+                  f"({result['rolled_back_entries']} undo entries rolled back)")
+    if not test:
+        console.print(f"commit it with: blockferry failover commit --disk {disk}")
+
+
+@failover.command("commit")
+@click.option("--disk", required=True, help="Disk id.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config file.")
+def failover_commit(disk: str, config_path: Path | None) -> None:
+    """Commit a failover: stop replicating the disk and release its other recovery points."""
+    released = _recovery_call(config_path, lambda r: r.commit(disk))
+    console.print(f"failover of {disk} committed; replication stopped, {released} recovery points released")
 
 
 # ---------------------------------------------------------------- config and tools

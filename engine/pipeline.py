@@ -56,6 +56,7 @@ class Batch:
     uploaded: bool = False
     path: Path | None = None
     size: int = 0
+    created_us: int = field(default_factory=lambda: time.time_ns() // 1000)  # server clock: lag, not ordering
 
     @property
     def name(self) -> str:
@@ -75,6 +76,28 @@ class DiskStream:
         self.sealing: deque[Batch] = deque()
         self.uploading: deque[Batch] = deque()
         self.listeners: dict[object, AckListener] = {}
+        self.received_bytes = 0
+        self.sealed_bytes = 0
+
+    def batches(self) -> list[Batch]:
+        """Everything accepted but not yet in the cache store, oldest first."""
+        open_batch = [self.open_batch] if self.open_batch is not None else []
+        return [*self.uploading, *self.sealing, *open_batch]
+
+    def oldest_unstored_us(self) -> int | None:
+        """Server-clock time the oldest write not yet in the cache store arrived (None: all stored)."""
+        return min((b.created_us for b in self.batches()), default=None)
+
+    def stage_behind(self) -> str | None:
+        """Where the oldest unstored write waits: ingest (batching/sealing) or upload."""
+        if self.uploading:
+            return "upload"
+        return "ingest" if self.sealing or self.open_batch is not None else None
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Bytes on the server not yet in the cache store (payload in memory, sealed in the spool)."""
+        return sum(b.size if b.sealed else b.payload_bytes for b in self.batches())
 
     def check_write(self, write: Write) -> None:
         """Bounds and alignment; raises naming the disk and sequence."""
@@ -152,7 +175,8 @@ class Pipeline:
                     self.spool.used_bytes -= blob.size
                     continue
                 batch = Batch(disk, blob.header.first_seq, last_seq=blob.header.last_seq, sealed=True,
-                              path=blob.path, size=blob.size, last_source_us=blob.header.last_source_us)
+                              path=blob.path, size=blob.size, last_source_us=blob.header.last_source_us,
+                              created_us=blob.header.created_us)
                 stream.uploading.append(batch)
                 self._upload_queue.put_nowait(batch)
             if blobs:
@@ -220,6 +244,7 @@ class Pipeline:
         batch.last_source_us = max(batch.last_source_us, timestamp_us)
         self.inflight_bytes += size
         self.stats.received_bytes += size
+        stream.received_bytes += size
         if not self.paused and self.inflight_bytes >= self._max_inflight:
             self._set_paused(True)
 
@@ -255,6 +280,7 @@ class Pipeline:
         self.inflight_bytes -= batch.payload_bytes
         self.spool.used_bytes += batch.size
         self.stats.sealed_bytes += batch.size
+        stream.sealed_bytes += batch.size
         advanced = False
         while stream.sealing and stream.sealing[0].sealed:  # durability advances in sequence order
             done = stream.sealing.popleft()
@@ -271,7 +297,7 @@ class Pipeline:
         """Worker thread: join once, lz4 + AES-GCM into a reused buffer, fsync into the spool."""
         records = b"".join(batch.pieces)
         header = BlobHeader(batch.disk, self.streams[batch.disk].info.size, batch.first_seq, batch.last_seq,
-                            batch.last_seq - batch.first_seq + 1, time.time_ns() // 1000, batch.last_source_us)
+                            batch.last_seq - batch.first_seq + 1, batch.created_us, batch.last_source_us)
         sealed = self.sealer.seal(records, header, os.urandom(NONCE_SIZE), out=getattr(self._scratch, "buf", None))
         self._scratch.buf = sealed.obj
         path = self.spool.write(batch.name, sealed)

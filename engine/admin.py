@@ -1,0 +1,74 @@
+"""The applier's admin API (aiohttp): points, failover and commit for CLI and tools.
+
+Bound to loopback by default and protected by a bearer token kept in an
+owner-only file, because a failover writes files where it is told to.
+Failover answers as NDJSON so the caller can show progress of a long copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from pathlib import Path
+
+from aiohttp import web
+
+from engine.recovery.service import LocalRecovery, RecoveryError
+
+
+def admin_routes(recovery: LocalRecovery, token: str) -> list[web.RouteDef]:
+    def authorised(request: web.Request) -> None:
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise web.HTTPUnauthorized(text="missing or wrong admin token")
+
+    async def points(request: web.Request) -> web.Response:
+        authorised(request)
+        try:
+            found = await recovery.points(request.query.get("disk", ""))
+        except RecoveryError as exc:
+            return web.json_response({"error": str(exc)})
+        return web.json_response({"points": [p.as_dict() for p in found]})
+
+    async def do_failover(request: web.Request) -> web.StreamResponse:
+        authorised(request)
+        body = await request.json()
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        queue: asyncio.Queue[dict[str, object]] = asyncio.Queue()
+
+        def progress(done: int, total: int) -> None:  # called from a worker thread
+            loop.call_soon_threadsafe(queue.put_nowait, {"progress": [done, total]})
+
+        async def run() -> dict[str, object]:
+            try:
+                return {"result": await recovery.failover(str(body["disk"]), str(body["point"]),
+                                                          Path(str(body["out"])), test=bool(body.get("test")),
+                                                          progress=progress)}
+            except (RecoveryError, KeyError, OSError) as exc:
+                return {"error": str(exc)}
+
+        loop = asyncio.get_running_loop()
+        task = asyncio.create_task(run())
+        while not task.done() or not queue.empty():
+            getter = asyncio.create_task(queue.get())
+            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                await response.write(json.dumps(getter.result()).encode() + b"\n")
+            else:
+                getter.cancel()
+        await response.write(json.dumps(task.result()).encode() + b"\n")
+        await response.write_eof()
+        return response
+
+    async def do_commit(request: web.Request) -> web.Response:
+        authorised(request)
+        body = await request.json()
+        try:
+            return web.json_response({"released": await recovery.commit(str(body["disk"]))})
+        except RecoveryError as exc:
+            return web.json_response({"error": str(exc)})
+
+    return [web.get("/api/points", points), web.post("/api/failover", do_failover),
+            web.post("/api/failover/commit", do_commit)]

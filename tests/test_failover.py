@@ -1,0 +1,142 @@
+"""Failover and test failover while replication keeps running."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from engine.recovery.service import LocalRecovery, RecoveryError
+from engine.server import ProcessServer
+from engine.workload import ContentPool, random_writes
+from protocol import TagKind
+from support import agent_for, make_config
+
+MiB = 1024 * 1024
+SIZE = 8 * MiB
+
+
+class Recorder:
+    """The source disk as a log of (seq, offset, data): its state at any sequence can be rebuilt."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[int, int, bytes]] = []
+
+    def state_at(self, seq: int) -> bytes:
+        image = bytearray(SIZE)
+        for s, offset, data in self.writes:
+            if s <= seq:
+                image[offset:offset + len(data)] = data
+        return bytes(image)
+
+
+async def write_some(disk, recorder: Recorder, writes, count: int) -> None:
+    for _ in range(count):
+        w = next(writes)
+        seq = disk.next_seq
+        await disk.write(w.offset, w.data)
+        recorder.writes.append((seq, w.offset, bytes(w.data)))
+
+
+async def test_failover_to_app_point_and_latest_while_writing(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    config = make_config(data, policy={"crash_point_interval_ms": 20})
+    writes = random_writes(ContentPool(4 * MiB), SIZE, max_size=256 * 1024, seed=3)
+    recorder = Recorder()
+    async with ProcessServer(config) as server, agent_for(data, server.connect_info.port) as agent:
+        recovery = LocalRecovery(server.applier)
+        disk = await agent.open_disk("vm1", SIZE)
+        await write_some(disk, recorder, writes, 150)
+        app_seq = disk.next_seq
+        await disk.tag(TagKind.APP, "vss-1")
+        await write_some(disk, recorder, writes, 150)
+        await agent.flush()
+        await server.drain()  # "latest-app" is the latest *processed* app point, as in ASR
+
+        keep_writing = asyncio.Event()
+
+        async def churn() -> None:  # replication goes on during the failovers
+            while not keep_writing.is_set():
+                await write_some(disk, recorder, writes, 5)
+                await asyncio.sleep(0.005)
+
+        writer = asyncio.create_task(churn())
+        try:
+            applied_before = server.applier.applied_seq("vm1")
+            app = await recovery.failover("vm1", "latest-app", tmp_path / "app.img", test=True)
+            assert app["seq"] == app_seq and app["point"]["tag_id"] == "vss-1"
+            assert (tmp_path / "app.img").read_bytes() == recorder.state_at(app_seq)
+
+            latest = await recovery.failover("vm1", "latest", tmp_path / "latest.img", test=True)
+            assert latest["seq"] >= applied_before
+            assert (tmp_path / "latest.img").read_bytes() == recorder.state_at(latest["seq"])
+
+            processed = await recovery.failover("vm1", "latest-processed", tmp_path / "lp.img", test=True)
+            assert (tmp_path / "lp.img").read_bytes() == recorder.state_at(processed["seq"])
+
+            # every point listed can be recovered, by id
+            points = await recovery.points("vm1")
+            assert len(points) >= 3 and [p.seq for p in points] == sorted(p.seq for p in points)
+            middle = points[len(points) // 2]
+            by_id = await recovery.failover("vm1", middle.id, tmp_path / "mid.img", test=True)
+            assert (tmp_path / "mid.img").read_bytes() == recorder.state_at(middle.seq) and by_id["seq"] == middle.seq
+
+            # by time: the newest point whose source time is at or before the app point's
+            app_point = next(p for p in points if p.kind == "app")
+            by_time = await recovery.failover("vm1", app_point.source_time.isoformat(), tmp_path / "t.img", test=True)
+            assert by_time["seq"] >= app_point.seq
+            assert (tmp_path / "t.img").read_bytes() == recorder.state_at(by_time["seq"])
+        finally:
+            keep_writing.set()
+            await writer
+        await agent.flush()
+        # test failovers changed nothing: replication went on and the seed is still the source
+        await server.drain()
+        assert server.applier.applied_seq("vm1") == disk.acked_seq
+        assert (config.seed_dir / "vm1.img").read_bytes() == recorder.state_at(disk.acked_seq)
+        assert server.applier.disks["vm1"].state.failover_seq is None
+
+
+async def test_failover_commit_stops_replication(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    config = make_config(data, policy={"crash_point_interval_ms": 10})
+    writes = random_writes(ContentPool(2 * MiB), SIZE, max_size=64 * 1024, seed=4)
+    recorder = Recorder()
+    async with ProcessServer(config) as server:
+        recovery = LocalRecovery(server.applier)
+        async with agent_for(data, server.connect_info.port) as agent:
+            disk = await agent.open_disk("vm2", SIZE)
+            await write_some(disk, recorder, writes, 100)
+            await agent.flush()
+        with pytest.raises(RecoveryError, match="no failover to commit"):
+            await recovery.commit("vm2")
+        result = await recovery.failover("vm2", "latest", tmp_path / "fo.img", test=False)
+        assert (tmp_path / "fo.img").read_bytes() == recorder.state_at(result["seq"])
+        assert result["seq"] == disk.acked_seq
+        released = await recovery.commit("vm2")
+        assert released >= 1 and await recovery.points("vm2") == []
+        # the agent can no longer replicate the disk
+        from engine.agent import AgentError
+
+        async with agent_for(data, server.connect_info.port) as again:
+            with pytest.raises(AgentError, match="committed"):
+                await asyncio.wait_for(again.open_disk("vm2", SIZE), 10)
+        with pytest.raises(RecoveryError, match="committed"):
+            await recovery.failover("vm2", "latest", tmp_path / "again.img", test=True)
+
+
+async def test_unknown_point_and_disk_are_clear_errors(server: ProcessServer, tmp_path: Path) -> None:
+    recovery = LocalRecovery(server.applier)
+    with pytest.raises(RecoveryError, match="no seed disk"):
+        await recovery.failover("nope", "latest", tmp_path / "x.img", test=True)
+    async with agent_for(server.config.server.data_dir, server.connect_info.port) as agent:
+        disk = await agent.open_disk("d", 1 * MiB)
+        await (await disk.write(0, b"x" * 4096))
+    await server.drain()
+    with pytest.raises(RecoveryError, match="no retained point with id 999"):
+        await recovery.failover("d", "999", tmp_path / "x.img", test=True)
+    with pytest.raises(RecoveryError, match="no application-consistent point"):
+        await recovery.failover("d", "latest-app", tmp_path / "x.img", test=True)
+    with pytest.raises(RecoveryError, match="not latest"):
+        await recovery.failover("d", "yesterday", tmp_path / "x.img", test=True)
