@@ -14,14 +14,24 @@ from pathlib import Path
 
 from aiohttp import web
 
+from engine.monitor import Monitor
 from engine.recovery.service import LocalRecovery, RecoveryError
 
 
-def admin_routes(recovery: LocalRecovery, token: str) -> list[web.RouteDef]:
+def admin_routes(recovery: LocalRecovery | None, monitor: Monitor, token: str) -> list[web.RouteDef]:
+    """``/api/status`` always; points, failover and commit where this process runs the applier."""
     def authorised(request: web.Request) -> None:
         given = request.headers.get("Authorization", "").removeprefix("Bearer ")
         if not hmac.compare_digest(given.encode(), token.encode()):
             raise web.HTTPUnauthorized(text="missing or wrong admin token")
+
+    async def status(request: web.Request) -> web.Response:
+        authorised(request)
+        return web.json_response({"disks": [h.as_dict() for h in monitor.snapshot()]})
+
+    status_route = [web.get("/api/status", status)]
+    if recovery is None:
+        return status_route
 
     async def points(request: web.Request) -> web.Response:
         authorised(request)
@@ -70,5 +80,5 @@ def admin_routes(recovery: LocalRecovery, token: str) -> list[web.RouteDef]:
         except RecoveryError as exc:
             return web.json_response({"error": str(exc)})
 
-    return [web.get("/api/points", points), web.post("/api/failover", do_failover),
-            web.post("/api/failover/commit", do_commit)]
+    return status_route + [web.get("/api/points", points), web.post("/api/failover", do_failover),
+                           web.post("/api/failover/commit", do_commit)]

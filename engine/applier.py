@@ -221,24 +221,26 @@ class Applier:
                 queue = [b for b in queue if b[1] > current]
                 if not queue or queue[0][0] > current + 1:  # nothing, or an earlier blob is still uploading
                     break
-                try:
-                    group = await self._open_group(disk, queue, current)
-                except LogBlobError as exc:
-                    self.failures[disk] = ApplyFailure(disk, exc.name or "?", exc.reason)
+                group, failure = await self._open_group(disk, queue, current)
+                if group:  # the verified prefix is applied even if a later blob is bad
+                    await self._apply_group(d, group)
+                    for blob in group:
+                        self.first_seen.get(disk, {}).pop(blob.name, None)
+                        await self.store.delete(blob.name)
+                    applied += len(group)
+                if failure is not None:
+                    self.failures[disk] = ApplyFailure(disk, failure.name or "?", failure.reason)
                     self.stats.failed_blobs += 1
                     log.error("applier: disk %r blob %s not applied: %s; the disk is stopped until this is "
-                              "resolved", disk, exc.name, exc.reason)
+                              "resolved", disk, failure.name, failure.reason)
                     break
-                await self._apply_group(d, group)
-                for blob in group:
-                    await self.store.delete(blob.name)
-                    self.first_seen.get(disk, {}).pop(blob.name, None)
                 queue = queue[len(group):]
-                applied += len(group)
             d.last_group = time.monotonic()
         return applied
 
-    async def _open_group(self, disk: str, queue: list[tuple[int, int, str]], current: int) -> list[_Opened]:
+    async def _open_group(self, disk: str, queue: list[tuple[int, int, str]],
+                          current: int) -> tuple[list[_Opened], LogBlobError | None]:
+        """The next group of verified blobs, and the error of the blob that ended it early, if any."""
         loop = asyncio.get_running_loop()
         group: list[_Opened] = []
         size = 0
@@ -247,14 +249,17 @@ class Applier:
             if first > expected:
                 break
             data = await self.store.get(name)
-            opened = await loop.run_in_executor(self._executor, self._open_blob, disk, name, data, first, last)
+            try:
+                opened = await loop.run_in_executor(self._executor, self._open_blob, disk, name, data, first, last)
+            except LogBlobError as exc:
+                return group, exc
             group.append(opened)
             size += opened.header.raw_size
             expected = last + 1
             ends_with_app = isinstance(opened.records[-1], TagRecord) and opened.records[-1].kind is TagKind.APP
             if ends_with_app or size >= self.group_max_bytes:
                 break
-        return group
+        return group, None
 
     def _open_blob(self, disk: str, name: str, data: bytes, first: int, last: int) -> _Opened:
         """Worker thread: authenticate and check a blob completely before anything is written."""
@@ -361,9 +366,14 @@ class ApplierLock:
             os.close(fd)
             raise ApplierLocked(f"another applier is running on {self.path.parent} ({holder or 'unknown'})") \
                 from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (info or f"pid {os.getpid()}").encode(), 0)
         self._fd = fd
+        self.advertise(info or f"pid {os.getpid()}")
+
+    def advertise(self, info: str) -> None:
+        """Tell other processes how to reach this applier (e.g. its admin URL)."""
+        assert self._fd is not None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, info.encode(), 0)
 
     def holder(self) -> str | None:
         """What the running applier wrote into the lock (e.g. its admin URL), or None if none runs."""

@@ -72,6 +72,9 @@ def serve(config_path: Path | None) -> None:
         except (KeyFileError, OSError) as exc:
             raise click.ClickException(str(exc)) from None
         token = f"--token-file {info.token_file}" if info.token_file else "--token-file <your agent's token file>"
+        if server.control is not None and server.control.http_port:
+            console.print(f"metrics and health on http://{config.http.listen}:{server.control.http_port}"
+                          "/metrics and /healthz")
         console.print(f"[bold]process server[/] on {info.host}:{info.port} (TLS). Connect an agent with:\n"
                       f"  blockferry agent replicate PATH --disk ID --server {info.host}:{info.port} "
                       f"--cafile {info.cafile} {token}")
@@ -102,13 +105,20 @@ def apply(config_path: Path | None) -> None:
             lock.acquire(f"pid {os.getpid()} (blockferry apply)")
         except (KeyFileError, ApplierLocked) as exc:
             raise click.ClickException(str(exc)) from None
+        from engine.control import ControlPlane
+
         store = open_store(config)
         applier = build_applier(config, store, keys)
         await applier.open_existing()
-        console.print(f"applier: {config.store_dir} → {config.seed_dir}")
+        control = ControlPlane(config, None, applier, lock, "blockferry apply")
+        await control.start()
+        console.print(f"applier: {config.store_dir} → {config.seed_dir}"
+                      + (f"; metrics on http://{config.http.listen}:{control.http_port}/metrics"
+                         if control.http_port else ""))
         try:
             await applier.run()
         finally:
+            await control.close()
             await applier.close()
             await store.close()
             lock.release()
@@ -278,6 +288,52 @@ def failover_commit(disk: str, config_path: Path | None) -> None:
     """Commit a failover: stop replicating the disk and release its other recovery points."""
     released = _recovery_call(config_path, lambda r: r.commit(disk))
     console.print(f"failover of {disk} committed; replication stopped, {released} recovery points released")
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config file.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def status(config_path: Path | None, as_json: bool) -> None:
+    """Per disk: applied sequence, lags (RPO), the stage behind, backlog, churn, last point."""
+    from engine.monitor import DiskHealth, render_status_table
+
+    config = _config(config_path)
+    healths = [DiskHealth.from_dict(d) for d in _run(_status(config))]  # type: ignore[union-attr]
+    if as_json:
+        click.echo(json.dumps([h.as_dict() for h in healths], indent=2))
+    else:
+        Console().print(render_status_table(healths))
+
+
+async def _status(config: Config) -> list[dict[str, object]]:
+    """From the running applier's API, or — when none runs — from the seed directory and cache store."""
+    from engine.applier import ApplierLock
+    from engine.monitor import Monitor
+    from engine.recovery.service import RecoveryError, admin_token, running_admin_url
+    from engine.server import build_applier, load_keyring, open_store
+
+    try:
+        url = running_admin_url(config)
+    except RecoveryError as exc:
+        raise click.ClickException(str(exc)) from None
+    if url is not None:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token(config)}"}) as session:
+            async with session.get(url + "/api/status") as response:
+                if response.status != 200:
+                    raise click.ClickException(f"applier refused: {response.status} {await response.text()}")
+                return (await response.json())["disks"]  # type: ignore[no-any-return]
+    lock = ApplierLock(config.seed_dir)
+    lock.acquire("blockferry status")
+    store = open_store(config)
+    applier = build_applier(config, store, load_keyring(config, create=False))
+    try:
+        await applier.open_existing()
+        await applier.pending()
+        return [h.as_dict() for h in Monitor(config, None, applier).snapshot()]
+    finally:
+        await applier.close()
+        await store.close()
+        lock.release()
 
 
 # ---------------------------------------------------------------- config and tools

@@ -101,6 +101,7 @@ class AgentConnection(asyncio.Protocol):
         try:
             self.proto.receive_eof()
         except RemoteProtocolError as exc:
+            self.ctx.pipeline.stats.protocol_errors[exc.code.name] += 1
             log.warning("agent %s (%s): %s", self.agent.agent if self.agent else "?", self.peer, exc)
         return None
 
@@ -220,6 +221,7 @@ class AgentConnection(asyncio.Protocol):
         if disk is None and exc.handle is not None and exc.handle in self.streams:
             disk = self.streams[exc.handle].info.disk
         error = Error(exc.code, exc.message, disk, exc.seq)
+        self.ctx.pipeline.stats.protocol_errors[exc.code.name] += 1
         where = "".join([f" disk {disk!r}" if disk else "", f" sequence {exc.seq}" if exc.seq is not None else ""])
         log.warning("agent %s:%s %s: %s", self._who(), where, exc.code.name, exc.message)
         self._send(error)

@@ -17,7 +17,7 @@ import os
 import random
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -374,3 +374,4 @@ class PipelineStats:
     upload_errors: int = 0
     spool_errors: int = 0
     pauses: int = 0
+    protocol_errors: Counter[str] = field(default_factory=Counter)  # by error code

@@ -20,6 +20,7 @@ from pathlib import Path
 from engine.applier import Applier, ApplierLock
 from engine.auth import AgentRegistry, ensure_default_agent
 from engine.config import Config
+from engine.control import ControlPlane
 from engine.disks import DiskRegistry
 from engine.ingest import AgentConnection, IngestContext
 from engine.keys import KeyRing
@@ -44,6 +45,10 @@ class ConnectInfo:
 
 
 def open_store(config: Config) -> CacheStore:
+    if config.store.kind == "azure":
+        from engine.store.azure import AzureBlobStore  # the Azure SDK is only imported when it is used
+
+        return AzureBlobStore(config.store.azure)
     return LocalStore(config.store_dir, fsync=config.spool.fsync)
 
 
@@ -59,9 +64,11 @@ def build_applier(config: Config, store: CacheStore, keys: KeyRing) -> Applier:
 
 
 class ProcessServer:
-    def __init__(self, config: Config, *, run_applier: bool | None = None) -> None:
+    def __init__(self, config: Config, *, run_applier: bool | None = None, control_plane: bool = True) -> None:
+        """``control_plane=False`` leaves monitoring, alerts and HTTP to an embedding program."""
         self.config = config
         self.run_applier = config.applier.enabled if run_applier is None else run_applier
+        self.run_control_plane = control_plane
         self.pipeline: Pipeline | None = None
         self.applier: Applier | None = None
         self.store: CacheStore | None = None
@@ -70,6 +77,7 @@ class ProcessServer:
         self._ctx: IngestContext | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._applier_lock: ApplierLock | None = None
+        self.control: ControlPlane | None = None
 
     @property
     def token_file(self) -> Path:
@@ -117,6 +125,9 @@ class ProcessServer:
                                                 ssl=server_context(cert, tls_key), reuse_address=True)
         port = self._server.sockets[0].getsockname()[1]
         self._tasks.append(asyncio.create_task(self._keepalive(), name="keepalive"))
+        if self.run_control_plane:
+            self.control = ControlPlane(cfg, self.pipeline, self.applier, self._applier_lock, "blockferry serve")
+            await self.control.start()
         self.connect_info = ConnectInfo(cfg.server.listen, port, cert,
                                         self.token_file if self.token_file.exists() else None)
         log.info("process server listening on %s:%d (TLS)%s", cfg.server.listen, port,
@@ -157,6 +168,8 @@ class ProcessServer:
                 await asyncio.sleep(0.02)
 
     async def close(self) -> None:
+        if self.control is not None:
+            await self.control.close()
         if self._server is not None:
             self._server.close()
             for conn in list(self._ctx.connections if self._ctx else []):
