@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+AZURITE := node_modules/.bin/azurite-blob
 
 .PHONY: demo test bench clean
 
@@ -15,8 +16,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/blockferry demo
 
-test: $(STAMP)
+# Azurite (the Azure Storage emulator, from npm) for the Azure cache-store tests; they start it themselves.
+$(AZURITE):
+	npm install --no-save --no-audit --no-fund azurite@3.35.0
+
+test: $(STAMP) $(AZURITE)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis node_modules

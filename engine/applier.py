@@ -248,7 +248,12 @@ class Applier:
         for first, last, name in queue:
             if first > expected:
                 break
-            data = await self.store.get(name)
+            try:
+                data = await self.store.get(name)
+            except StoreError:
+                if not group:
+                    raise
+                return group, None  # apply what is verified; the rest on the next pass
             try:
                 opened = await loop.run_in_executor(self._executor, self._open_blob, disk, name, data, first, last)
             except LogBlobError as exc:

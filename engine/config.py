@@ -26,7 +26,8 @@ class ConfigError(Exception):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # hide_input_in_errors: a rejected value may be a secret (a storage key), so errors name the key only
+    model_config = ConfigDict(extra="forbid", validate_default=True, hide_input_in_errors=True)
 
     @model_validator(mode="before")
     @classmethod

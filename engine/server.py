@@ -28,6 +28,7 @@ from engine.pipeline import Pipeline
 from engine.recovery.volume import LocalVolumes
 from engine.spool import Spool, UploadWatermarks
 from engine.store import CacheStore, LocalStore
+from engine.store.base import StoreError
 from engine.tls import generate_self_signed, server_context
 from protocol.logblob import Sealer
 
@@ -161,7 +162,10 @@ class ProcessServer:
         await self.pipeline.drain()
         if self.applier is not None:
             while True:
-                await self.applier.apply_available(force=True)
+                try:
+                    await self.applier.apply_available(force=True)
+                except StoreError as exc:  # transient: the store will answer again
+                    log.warning("drain: cache store unavailable (%s); retrying", exc)
                 if all(self.applier.applied_seq(d) >= s.durable_seq or d in self.applier.failures
                        for d, s in self.pipeline.streams.items()):
                     return

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from azurite import azurite  # noqa: F401  (session fixture: Azurite for the Azure tests)
 from engine.server import ProcessServer
 from support import make_config
 
