@@ -160,9 +160,10 @@ class Applier:
                     last_prune = time.monotonic()
             except StoreError as exc:
                 log.warning("applier: cache store unavailable (%s); retrying", exc)
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.poll_s)
-            except asyncio.TimeoutError:
+            try:  # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation (gh-86296)
+                async with asyncio.timeout(self.poll_s):
+                    await self._wake.wait()
+            except TimeoutError:
                 pass
 
     async def pending(self) -> dict[str, list[tuple[int, int, str]]]:
@@ -335,9 +336,13 @@ class Applier:
         self.stats.pruned_entries += removed
         return removed
 
-    async def close(self) -> None:
+    def stop(self) -> None:
+        """Ask ``run`` to return after the current pass."""
         self._stopping = True
         self._wake.set()
+
+    async def close(self) -> None:
+        self.stop()
         async with self._pass_lock:
             pass
         self._executor.shutdown(wait=True)

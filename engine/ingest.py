@@ -220,10 +220,11 @@ class AgentConnection(asyncio.Protocol):
         disk = exc.disk
         if disk is None and exc.handle is not None and exc.handle in self.streams:
             disk = self.streams[exc.handle].info.disk
-        error = Error(exc.code, exc.message, disk, exc.seq)
+        message = exc.message if disk is not None or exc.handle is None else f"{exc.message} (handle {exc.handle})"
+        error = Error(exc.code, message, disk, exc.seq)
         self.ctx.pipeline.stats.protocol_errors[exc.code.name] += 1
         where = "".join([f" disk {disk!r}" if disk else "", f" sequence {exc.seq}" if exc.seq is not None else ""])
-        log.warning("agent %s:%s %s: %s", self._who(), where, exc.code.name, exc.message)
+        log.warning("agent %s:%s %s: %s", self._who(), where, exc.code.name, message)
         self._send(error)
         self.close()
 

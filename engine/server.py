@@ -179,6 +179,8 @@ class ProcessServer:
             for conn in list(self._ctx.connections if self._ctx else []):
                 conn.close()
             await self._server.wait_closed()
+        if self.applier is not None:
+            self.applier.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -19,7 +19,7 @@ MiB = 1024 * 1024
 
 
 def _config_text(data: Path, port: int, *, applier: bool = True) -> str:
-    return (f'[server]\ndata_dir = "{data}"\nport = {port}\n'
+    return (f'[server]\ndata_dir = "{data}"\nport = {port}\n[http]\nport = 0\n'
             f'[batch]\nmax_bytes = "512KiB"\n'
             f'[applier]\nenabled = {"true" if applier else "false"}\npoll_ms = 20\n')
 
