@@ -93,6 +93,8 @@ class Applier:
         self.stats = ApplierStats()
         self.first_seen: dict[str, dict[str, int]] = {}  # disk → pending blob → when this applier first saw it
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="apply")
+        # journal chunks are compressed here, not in _executor, whose thread waits for them
+        self._compressor = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="journal-lz4")
         self._wake = asyncio.Event()
         self._pass_lock = asyncio.Lock()  # one pass at a time: a disk is never applied by two tasks
         self._stopping = False
@@ -204,59 +206,63 @@ class Applier:
         if disk in self.failures:
             return 0
         d = await self.disk(disk)
-        if d.state.committed_failover:
-            for _, _, name in blobs:  # replication of a committed disk has stopped
-                await self.store.delete(name)
+        if d.state.committed_failover:  # replication of a committed disk has stopped
+            await self._delete(disk, [name for _, _, name in blobs])
             return 0
         interval = self.policy_for(disk).crash_point_interval_ms / 1000
         if not force and time.monotonic() - d.last_group < interval:
             return 0
         applied = 0
+        prefetch = _Prefetch(self, disk)
         async with d.lock:
-            queue = list(blobs)
-            while queue:
-                current = d.state.applied_seq
-                stale = [b for b in queue if b[1] <= current]  # applied before a crash took away the delete
-                for _, _, name in stale:
-                    await self.store.delete(name)
-                queue = [b for b in queue if b[1] > current]
-                if not queue or queue[0][0] > current + 1:  # nothing, or an earlier blob is still uploading
-                    break
-                group, failure = await self._open_group(disk, queue, current)
-                if group:  # the verified prefix is applied even if a later blob is bad
-                    await self._apply_group(d, group)
-                    for blob in group:
-                        self.first_seen.get(disk, {}).pop(blob.name, None)
-                        await self.store.delete(blob.name)
-                    applied += len(group)
-                if failure is not None:
-                    self.failures[disk] = ApplyFailure(disk, failure.name or "?", failure.reason)
-                    self.stats.failed_blobs += 1
-                    log.error("applier: disk %r blob %s not applied: %s; the disk is stopped until this is "
-                              "resolved", disk, failure.name, failure.reason)
-                    break
-                queue = queue[len(group):]
+            try:
+                queue = list(blobs)
+                while queue:
+                    current = d.state.applied_seq
+                    # applied before a crash took away the chance to delete them
+                    await self._delete(disk, [name for _, last, name in queue if last <= current])
+                    queue = [b for b in queue if b[1] > current]
+                    if not queue or queue[0][0] > current + 1:  # nothing, or an earlier blob is still uploading
+                        break
+                    group, failure = await self._open_group(queue, current, prefetch)
+                    if group:  # the verified prefix is applied even if a later blob is bad
+                        await self._apply_group(d, group)
+                        await self._delete(disk, [blob.name for blob in group])
+                        applied += len(group)
+                    if failure is not None:
+                        self.failures[disk] = ApplyFailure(disk, failure.name or "?", failure.reason)
+                        self.stats.failed_blobs += 1
+                        log.error("applier: disk %r blob %s not applied: %s; the disk is stopped until this is "
+                                  "resolved", disk, failure.name, failure.reason)
+                        break
+                    queue = queue[len(group):]
+            finally:
+                prefetch.cancel()
             d.last_group = time.monotonic()
         return applied
 
-    async def _open_group(self, disk: str, queue: list[tuple[int, int, str]],
-                          current: int) -> tuple[list[_Opened], LogBlobError | None]:
+    async def _delete(self, disk: str, names: list[str]) -> None:
+        pending = self.first_seen.get(disk, {})
+        for name in names:
+            pending.pop(name, None)
+        await asyncio.gather(*(self.store.delete(name) for name in names))
+
+    async def _open_group(self, queue: list[tuple[int, int, str]], current: int,
+                          prefetch: _Prefetch) -> tuple[list[_Opened], LogBlobError | None]:
         """The next group of verified blobs, and the error of the blob that ended it early, if any."""
-        loop = asyncio.get_running_loop()
         group: list[_Opened] = []
         size = 0
         expected = current + 1
-        for first, last, name in queue:
+        for index, (first, last, name) in enumerate(queue):
             if first > expected:
                 break
+            prefetch.ahead(queue[index:index + PREFETCH_BLOBS])
             try:
-                data = await self.store.get(name)
+                opened = await prefetch.take(name)
             except StoreError:
                 if not group:
                     raise
                 return group, None  # apply what is verified; the rest on the next pass
-            try:
-                opened = await loop.run_in_executor(self._executor, self._open_blob, disk, name, data, first, last)
             except LogBlobError as exc:
                 return group, exc
             group.append(opened)
@@ -266,6 +272,11 @@ class Applier:
             if ends_with_app or size >= self.group_max_bytes:
                 break
         return group, None
+
+    async def _fetch_and_open(self, disk: str, first: int, last: int, name: str) -> _Opened:
+        data = await self.store.get(name)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._open_blob, disk, name, data, first, last)
 
     def _open_blob(self, disk: str, name: str, data: bytes, first: int, last: int) -> _Opened:
         """Worker thread: authenticate and check a blob completely before anything is written."""
@@ -302,7 +313,7 @@ class Applier:
         ranges = merge_ranges([(offset, len(data)) for offset, data in writes])
         before = await d.volume.read_ranges(ranges)
         entry = await asyncio.get_running_loop().run_in_executor(
-            self._executor, UndoEntry(name, ranges, before, tags).encode)
+            self._executor, UndoEntry(name, ranges, before, tags).encode, self._compressor.map)
         await d.volume.put_entry(str(name), entry)  # 2. the point before this group is durable
         d.entries.append(name)
         await d.volume.write_ranges(writes)  # 3.
@@ -346,8 +357,35 @@ class Applier:
         async with self._pass_lock:
             pass
         self._executor.shutdown(wait=True)
+        self._compressor.shutdown(wait=True)
         for d in self.disks.values():
             await d.volume.close()
+
+
+PREFETCH_BLOBS = 4  # blobs fetched and opened ahead of the one being applied
+
+
+class _Prefetch:
+    """Fetches and opens the next few blobs of a disk while the current group is written."""
+
+    def __init__(self, applier: Applier, disk: str) -> None:
+        self.applier = applier
+        self.disk = disk
+        self.tasks: dict[str, asyncio.Task[_Opened]] = {}
+
+    def ahead(self, blobs: list[tuple[int, int, str]]) -> None:
+        for first, last, name in blobs:
+            if name not in self.tasks:
+                self.tasks[name] = asyncio.ensure_future(self.applier._fetch_and_open(self.disk, first, last, name))
+
+    async def take(self, name: str) -> _Opened:
+        return await self.tasks.pop(name)
+
+    def cancel(self) -> None:
+        for task in self.tasks.values():
+            task.cancel()
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # never "exception never retrieved"
+        self.tasks.clear()
 
 
 @dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import struct
 import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import lz4.block
@@ -26,7 +27,9 @@ from protocol.frames import TagKind
 UNDO_MAGIC = b"\x89BFUNDO\n"
 UNDO_VERSION = 1
 UNDO_SUFFIX = ".undo"
-UNDO_HEADER = struct.Struct("<8sHHQQQQIIQQI")
+UNDO_HEADER = struct.Struct("<8sHHQQQQIIIQI")
+CHUNK_ENTRY = struct.Struct("<II")  # raw size, stored (compressed) size
+CHUNK = 4 * 1024 * 1024
 RANGE = struct.Struct("<QI")
 TAG = struct.Struct("<QBH")
 TAG_ID_BYTES = 48
@@ -66,6 +69,9 @@ class EntryTag:
     tag_id: str
 
 
+Mapper = Callable[[Callable[[memoryview], bytes], Iterable[memoryview]], Iterable[bytes]]
+
+
 @dataclass(slots=True)
 class UndoEntry:
     name: EntryName
@@ -73,18 +79,25 @@ class UndoEntry:
     before: list[bytes | memoryview]  # one before-image per range
     tags: list[EntryTag] = field(default_factory=list)
 
-    def encode(self) -> bytes:
-        parts: list[bytes | memoryview] = [RANGE.pack(o, n) for o, n in self.ranges]
+    def encode(self, mapper: Mapper = map) -> bytes:
+        """Serialise; the before-images are lz4-compressed in independent chunks of ``CHUNK`` bytes.
+
+        ``mapper`` runs the chunk compressions: the builtin ``map``, or an executor's
+        ``map`` so a multi-MiB entry is compressed on every core (lz4 releases the GIL).
+        """
+        meta = [RANGE.pack(o, n) for o, n in self.ranges]
         for tag in self.tags:
             tag_id = tag.tag_id.encode()
-            parts.append(TAG.pack(tag.seq, tag.kind, len(tag_id)) + tag_id)
-        parts.extend(self.before)
-        raw = b"".join(parts)
-        payload = lz4.block.compress(raw, store_size=False)
+            meta.append(TAG.pack(tag.seq, tag.kind, len(tag_id)) + tag_id)
+        raw = memoryview(b"".join(self.before))
+        chunks = list(mapper(_compress, [raw[i:i + CHUNK] for i in range(0, len(raw), CHUNK)]))
+        table = [CHUNK_ENTRY.pack(min(CHUNK, len(raw) - i * CHUNK), len(c)) for i, c in enumerate(chunks)]
+        body = b"".join([*meta, *table, *chunks])
         n = self.name
-        header = UNDO_HEADER.pack(UNDO_MAGIC, UNDO_VERSION, 0, n.seq_from, n.seq_to, n.source_us, n.recorded_us,
-                                  len(self.ranges), len(self.tags), len(raw), len(payload), zlib.crc32(payload))
-        return header + payload
+        fields = (UNDO_MAGIC, UNDO_VERSION, 0, n.seq_from, n.seq_to, n.source_us, n.recorded_us,
+                  len(self.ranges), len(self.tags), len(chunks), len(body))
+        crc = zlib.crc32(body, zlib.crc32(UNDO_HEADER.pack(*fields, 0)[:-4]))  # header and body, but the CRC
+        return UNDO_HEADER.pack(*fields, crc) + body
 
     @classmethod
     def decode(cls, data: bytes | memoryview, name: EntryName) -> UndoEntry:
@@ -92,34 +105,53 @@ class UndoEntry:
         label = str(name)
         if len(data) < UNDO_HEADER.size:
             raise LogBlobError("undo entry is truncated", name=label)
-        (magic, version, _flags, seq_from, seq_to, _src, _rec, n_ranges, n_tags, raw_size, payload_size,
+        (magic, version, _flags, seq_from, seq_to, _src, _rec, n_ranges, n_tags, n_chunks, body_size,
          crc) = UNDO_HEADER.unpack_from(data)
         if magic != UNDO_MAGIC or version != UNDO_VERSION:
             raise LogBlobError("not an undo entry of a supported version", name=label)
         if (seq_from, seq_to) != (name.seq_from, name.seq_to):
             raise LogBlobError("undo entry's sequence range does not match its name", name=label)
-        payload = memoryview(data)[UNDO_HEADER.size:]
-        if len(payload) != payload_size or zlib.crc32(payload) != crc:
+        body = memoryview(data)[UNDO_HEADER.size:]
+        if len(body) != body_size or zlib.crc32(body, zlib.crc32(memoryview(data)[:UNDO_HEADER.size - 4])) != crc:
             raise LogBlobError("undo entry fails its checksum", name=label)
-        raw = memoryview(lz4.block.decompress(payload, uncompressed_size=raw_size))
+        try:
+            return cls._parse(name, body, n_ranges, n_tags, n_chunks)
+        except (struct.error, ValueError, lz4.block.LZ4BlockError) as exc:  # checksum passed: a writer bug
+            raise LogBlobError(f"undo entry is malformed: {exc}", name=label) from None
+
+    @classmethod
+    def _parse(cls, name: EntryName, body: memoryview, n_ranges: int, n_tags: int, n_chunks: int) -> UndoEntry:
         pos = 0
         ranges = []
         for _ in range(n_ranges):
-            ranges.append(RANGE.unpack_from(raw, pos))
+            ranges.append(RANGE.unpack_from(body, pos))
             pos += RANGE.size
         tags = []
         for _ in range(n_tags):
-            seq, kind, length = TAG.unpack_from(raw, pos)
+            seq, kind, length = TAG.unpack_from(body, pos)
             pos += TAG.size
-            tags.append(EntryTag(seq, TagKind(kind), bytes(raw[pos:pos + length]).decode(errors="replace")))
+            tags.append(EntryTag(seq, TagKind(kind), bytes(body[pos:pos + length]).decode(errors="replace")))
             pos += length
-        before = []
+        sizes = []
+        for _ in range(n_chunks):
+            sizes.append(CHUNK_ENTRY.unpack_from(body, pos))
+            pos += CHUNK_ENTRY.size
+        pieces = []
+        for raw_size, stored in sizes:
+            pieces.append(lz4.block.decompress(body[pos:pos + stored], uncompressed_size=raw_size))
+            pos += stored
+        raw = memoryview(b"".join(pieces))
+        if pos != len(body) or len(raw) != sum(length for _, length in ranges):
+            raise ValueError("ranges and chunks do not add up to the entry's size")
+        before, at = [], 0
         for _, length in ranges:
-            before.append(raw[pos:pos + length])
-            pos += length
-        if pos != len(raw):
-            raise LogBlobError("undo entry's ranges do not add up to its size", name=label)
+            before.append(raw[at:at + length])
+            at += length
         return cls(name, ranges, before, tags)
+
+
+def _compress(chunk: memoryview) -> bytes:
+    return lz4.block.compress(chunk, store_size=False)
 
 
 def merge_ranges(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
