@@ -32,6 +32,7 @@ from protocol import (
     Hello,
     OpenDisk,
     ProtocolError,
+    State,
     Tag,
     TagKind,
     Welcome,
@@ -316,8 +317,6 @@ class Agent:
             writer.close()
 
     async def _heartbeat(self, writer: asyncio.StreamWriter, conn: ClientConnection) -> None:
-        from protocol import State
-
         while True:
             await asyncio.sleep(self.heartbeat_s)
             if conn.state is State.READY:
@@ -359,5 +358,4 @@ class Agent:
             if frame.code in FATAL_CODES:
                 raise AgentError(message)
             raise ConnectionError(message)
-        elif isinstance(frame, Heartbeat) and self._writer is not None and self._conn is not None:
-            pass  # our own heartbeat task keeps the server's idle timer fresh
+        # HEARTBEAT needs no answer: our own heartbeat task keeps the server's idle timer fresh

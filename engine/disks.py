@@ -7,6 +7,7 @@ agent to open a disk id owns it from then on.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,13 +29,13 @@ class DiskRegistry:
         self._dir.mkdir(parents=True, exist_ok=True)
         self._disks: dict[str, DiskInfo] = {}
         for path in self._dir.glob("*.json"):
-            info = DiskInfo(**json.loads(path.read_text()))
+            info = DiskInfo(**json.loads(path.read_text(encoding="utf-8")))
             self._disks[info.disk] = info
 
     def get(self, disk: str) -> DiskInfo | None:
         return self._disks.get(disk)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[DiskInfo]:
         return iter(self._disks.values())
 
     def claim(self, disk: str, agent: str, size: int, block_size: int) -> tuple[DiskInfo, bool]:
