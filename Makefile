@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 AZURITE := node_modules/.bin/azurite-blob
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: demo test bench clean
 
@@ -22,6 +23,14 @@ $(AZURITE):
 
 test: $(STAMP) $(AZURITE)
 	$(BIN)/python -m pytest -q
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+# borg (Debian's borgbackup) is the peer the bench compares against; without it the report says so.
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench quick
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis node_modules

@@ -1,0 +1,97 @@
+"""Smoke test of the benchmark instrument: the real generator against a real server subprocess.
+
+About two seconds of closed-loop load with tiny settings, then the figures must
+be sane, non-zero and consistent with each other. No mocks: a `blockferry
+serve` process, agents over TLS in a spawned generator process, the probe,
+the ceiling and the report writer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.ceiling import measure_ceiling
+from bench.compare import compare
+from bench.loadgen import disk_seeds, plan_agents
+from bench.phases import PhaseSpec, run_phase
+from bench.profiles import parse_profile, sample_batches
+from bench.report import markdown
+from bench.serverproc import AgentCreds
+from bench.stats import LogHistogram, SeqLog
+from bench.suite import ratios, targets
+
+MiB = 1024 * 1024
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    profile = parse_profile("random64k:0.7,db8k:0.3,tags", pool_bytes=4 * MiB, tag_interval_s=0.5)
+    spec = PhaseSpec(name="smoke", mode="closed", agents=2, disks_per_agent=2, profile=profile, duration=2.0,
+                     warmup=0.5, disk_size=64 * MiB, window=4 * MiB, catch_up_timeout=30.0, flush_timeout=30.0)
+    r = run_phase(spec, tmp_path)
+    r.pop("_server")
+
+    # the generator's side: every acknowledged byte is accounted to one agent, and was sent
+    assert r["acked_bytes_total"] > 0
+    assert r["acked_bytes_total"] == sum(r["acked_bytes_by_agent"].values())
+    assert len(r["acked_bytes_by_agent"]) == 2
+    assert r["acked_bytes_total"] == r["sent_bytes_total"]  # flushed: everything sent was acknowledged
+    assert 0 < r["acked_bytes_window"] <= r["acked_bytes_total"]
+    assert r["writes"] > 0 and r["tags"] > 0
+    assert r["generator"]["flushed"] and r["generator"]["failed_acks"] == 0 and not r["generator"]["errors"]
+    assert r["acked_mbps"] > 0
+
+    # latency percentiles are ordered and plausible
+    lat = r["latency"]
+    assert lat["count"] > 0
+    assert 0 < lat["p50_ms"] <= lat["p99_ms"] <= lat["p999_ms"] <= lat["max_ms"] + 1e-9
+    assert lat["max_ms"] < 30_000
+
+    # the server's side, seen from outside: it stored and applied what was acknowledged
+    assert r["caught_up"], "the applier did not catch up with the acknowledged writes"
+    assert r["server_peak_rss"] > 10 * MiB
+    assert r["server_cpu_s_total"] > 0 and r["server_cpu_s_per_gb"] > 0
+    assert r["blobs_seen"] > 0
+    assert r["compression_ratio"] > 1.0  # 35/50/15 content compresses
+    assert r["lag_s"]["samples"] > 0 and 0 <= r["lag_s"]["p50"] <= r["lag_s"]["p99"] <= r["lag_s"]["max"]
+    series = r["series"]
+    assert len(series["t"]) == len(series["acked_mbps"]) == len(series["applied_mbps"]) > 0
+    assert max(series["acked_mbps"]) > 0
+
+    # the ceiling over the same bytes, same thread count as the engine's default
+    plans = plan_agents([AgentCreds("x0", ""), AgentCreds("x1", "")], 2)
+    batches = sample_batches(profile, disk_seeds(plans), 8 * MiB, 1 * MiB, 64 * MiB)
+    assert sum(len(b) for b in batches) >= 8 * MiB
+    ceiling = measure_ceiling(batches, threads=2, min_seconds=0.2)
+    assert ceiling["mbps"] > 0 and ceiling["compression_ratio"] > 1.0
+
+    # ratios, targets and the reports are computed from these figures without error
+    result = {"phases": {"max": r}, "ceiling": ceiling, "borg": {"available": False, "mbps": None}}
+    result["ratios"] = ratios(result)
+    result["targets"] = targets(result)
+    assert result["ratios"]["engine_over_ceiling"] == r["acked_mbps"] / ceiling["mbps"]
+    assert result["ratios"]["engine_over_borg"] is None  # no borg, no number
+    text = markdown(json.loads(json.dumps(result, default=str)))
+    assert "| max | closed |" in text and "borg**: no figure" in text
+    rows = compare(result, result)
+    assert rows and all(row["change"] in (0.0, None) for row in rows)
+
+
+def test_histogram_and_seqlog() -> None:
+    h = LogHistogram()
+    for i in range(1, 10001):
+        h.record(i / 1e5)  # 10 µs .. 100 ms
+    assert h.count == 10000
+    p50, p99, p999 = h.percentile(0.5), h.percentile(0.99), h.percentile(0.999)
+    assert p50 <= p99 <= p999 <= h.max
+    assert abs(p50 - 0.05) / 0.05 < 0.02 and abs(p99 - 0.099) / 0.099 < 0.02
+    merged = LogHistogram.from_dict(json.loads(json.dumps(h.to_dict())))
+    merged.merge(h)
+    assert merged.count == 20000 and merged.percentile(0.5) == p50
+
+    log = SeqLog("d", first_seq=1)
+    for k in range(5):
+        log.add(10.0 + k, 4096)
+    assert log.bytes_through(0) == 0 and log.bytes_through(3) == 3 * 4096 and log.bytes_through(99) == 5 * 4096
+    assert log.lag(12.5, done_seq=1) == 1.5  # the oldest write not done is seq 2, meant for t=11.0
+    assert log.lag(12.5, done_seq=5) == 0.0
