@@ -48,6 +48,9 @@ FATAL_CODES = {ErrorCode.AUTH_FAILED, ErrorCode.UNSUPPORTED_VERSION, ErrorCode.D
                ErrorCode.DISK_MISMATCH, ErrorCode.OUT_OF_BOUNDS, ErrorCode.BAD_ALIGNMENT, ErrorCode.BAD_FRAME}
 
 
+SEND_BUFFER_HIGH = 4 * 1024 * 1024  # bytes queued in the transport before a writer waits
+
+
 class AgentError(Exception):
     """The server refused the agent for a reason retrying cannot fix."""
 
@@ -96,7 +99,9 @@ class AgentDisk:
         await self.agent._reserve(size)
         seq = self._take_seq()
         frame = Write.make(self.handle, seq, offset, data, time.time_ns() // 1000)
-        return self._queue(seq, encode_write_header(frame), data, size)
+        future = self._queue(seq, encode_write_header(frame), data, size)
+        await self.agent._drain()
+        return future
 
     async def tag(self, kind: TagKind = TagKind.CRASH, tag_id: str = "") -> asyncio.Future[int]:
         """Mark the current point in this disk's stream (e.g. after an application-consistent snapshot)."""
@@ -268,6 +273,16 @@ class Agent:
             else:
                 self._writer.write(item.header)
 
+    async def _drain(self) -> None:
+        """Wait while the socket's send buffer is full; this also gives acks a turn on the event loop,
+        which a writer with room in its window would otherwise starve."""
+        writer = self._writer
+        if writer is not None and writer.transport.get_write_buffer_size() > SEND_BUFFER_HIGH:
+            try:
+                await writer.drain()
+            except (ConnectionError, OSError):
+                pass  # the session task notices and reconnects; the write stays queued for resending
+
     def _send_open(self, disk: AgentDisk) -> None:
         assert self._conn is not None and self._writer is not None
         self._writer.write(self._conn.send(OpenDisk(disk.handle, disk.disk, disk.size, disk.block_size)))
@@ -304,6 +319,7 @@ class Agent:
     async def _session(self) -> None:
         reader, writer = await asyncio.open_connection(
             self.host, self.port, ssl=self._ssl, server_hostname=self._server_hostname, limit=4 * 1024 * 1024)
+        writer.transport.set_write_buffer_limits(high=SEND_BUFFER_HIGH)
         conn = ClientConnection()
         try:
             writer.write(conn.send(Hello(PROTOCOL_VERSION, self.agent_id, self._token)))

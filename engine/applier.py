@@ -97,6 +97,7 @@ class Applier:
         self._compressor = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="journal-lz4")
         self._wake = asyncio.Event()
         self._pass_lock = asyncio.Lock()  # one pass at a time: a disk is never applied by two tasks
+        self._slots = asyncio.Semaphore(APPLY_SLOTS)
         self._stopping = False
 
     # ------------------------------------------------------------ state
@@ -192,7 +193,7 @@ class Applier:
             pending = await self.pending()
             if only is not None:
                 pending = {only: pending.get(only, [])}
-            counts = await asyncio.gather(*(self._apply_disk(disk, blobs, force)
+            counts = await asyncio.gather(*(self._apply_disk_slot(disk, blobs, force)
                                             for disk, blobs in pending.items() if blobs))
             return sum(counts)
 
@@ -201,6 +202,11 @@ class Applier:
         while await self.apply_available(force=True, only=disk):
             pass
         return self.applied_seq(disk)
+
+    async def _apply_disk_slot(self, disk: str, blobs: list[tuple[int, int, str]], force: bool) -> int:
+        """Memory is bounded: at most APPLY_SLOTS disks hold an apply group (and its prefetch) at once."""
+        async with self._slots:
+            return await self._apply_disk(disk, blobs, force)
 
     async def _apply_disk(self, disk: str, blobs: list[tuple[int, int, str]], force: bool) -> int:
         if disk in self.failures:
@@ -363,6 +369,7 @@ class Applier:
 
 
 PREFETCH_BLOBS = 4  # blobs fetched and opened ahead of the one being applied
+APPLY_SLOTS = 2  # disks applied concurrently (enough to keep two cores busy, bounded memory)
 
 
 class _Prefetch:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -38,6 +39,26 @@ def _run(coro: object) -> object:
         return uvloop.run(coro)  # type: ignore[arg-type]
     except ImportError:
         return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+async def _until_signalled(watch: asyncio.Task[None] | None = None) -> None:
+    """Return on SIGINT or SIGTERM (or when ``watch`` ends), so services shut down cleanly under systemd,
+    a container or a shell.
+
+    Handlers are installed explicitly: a process started in the background by a
+    non-interactive shell inherits SIGINT as ignored.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({waiter, *([watch] if watch else [])}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 def _config(path: Path | None) -> Config:
@@ -79,14 +100,11 @@ def serve(config_path: Path | None) -> None:
                       f"  blockferry agent replicate PATH --disk ID --server {info.host}:{info.port} "
                       f"--cafile {info.cafile} {token}")
         try:
-            await asyncio.Event().wait()
+            await _until_signalled()
         finally:
             await server.close()
 
-    try:
-        _run(run())
-    except KeyboardInterrupt:
-        pass
+    _run(run())
 
 
 @main.command()
@@ -115,18 +133,18 @@ def apply(config_path: Path | None) -> None:
         console.print(f"applier: {config.store_dir} → {config.seed_dir}"
                       + (f"; metrics on http://{config.http.listen}:{control.http_port}/metrics"
                          if control.http_port else ""))
+        runner = asyncio.create_task(applier.run())
         try:
-            await applier.run()
+            await _until_signalled(runner)
         finally:
+            applier.stop()
+            await runner
             await control.close()
             await applier.close()
             await store.close()
             lock.release()
 
-    try:
-        _run(run())
-    except KeyboardInterrupt:
-        pass
+    _run(run())
 
 
 # ---------------------------------------------------------------- agent side

@@ -73,6 +73,7 @@ class DiskStream:
         self.uploaded_seq = durable_seq
         self.open_batch: Batch | None = None
         self.linger: asyncio.TimerHandle | None = None
+        self.cut_when_sealed = False  # linger expired while a seal was in flight: cut when it completes
         self.sealing: deque[Batch] = deque()
         self.uploading: deque[Batch] = deque()
         self.listeners: dict[object, AckListener] = {}
@@ -146,6 +147,7 @@ class Pipeline:
         self._tasks: set[asyncio.Task[None]] = set()
         self._uploaders: list[asyncio.Task[None]] = []
         self._watermark_lock = asyncio.Lock()
+        self._watermarks_dirty = False
         self._max_inflight = int(config.pipeline.max_inflight_bytes)
         self._max_batch = int(config.batch.max_bytes)
         self._linger = config.batch.linger_ms / 1000
@@ -234,8 +236,8 @@ class Pipeline:
         if batch is None:
             batch = stream.open_batch = Batch(stream.info.disk, seq)
             loop = asyncio.get_running_loop()
-            stream.linger = (loop.call_later(self._linger, self._cut, stream) if self._linger
-                             else loop.call_soon(self._cut, stream))
+            stream.linger = (loop.call_later(self._linger, self._linger_expired, stream) if self._linger
+                             else loop.call_soon(self._linger_expired, stream))
         return batch
 
     def _added(self, stream: DiskStream, batch: Batch, seq: int, timestamp_us: int, size: int) -> None:
@@ -250,7 +252,18 @@ class Pipeline:
 
     # ------------------------------------------------------------ seal + spool
 
+    def _linger_expired(self, stream: DiskStream) -> None:
+        """Group commit: while a seal of this disk is in flight the batch keeps filling, and is cut
+        when that seal completes. Under load this makes batches (and fsyncs) fewer and larger instead
+        of one tiny blob per linger interval; at low load it changes nothing."""
+        stream.linger = None
+        if stream.sealing:
+            stream.cut_when_sealed = True
+        else:
+            self._cut(stream)
+
     def _cut(self, stream: DiskStream) -> None:
+        stream.cut_when_sealed = False
         batch = stream.open_batch
         if batch is None:
             return
@@ -291,6 +304,8 @@ class Pipeline:
         if advanced:
             for listener in list(stream.listeners.values()):
                 listener(stream.info.disk, stream.durable_seq)
+        if stream.cut_when_sealed and not stream.sealing:
+            self._cut(stream)
         self._update_flow()
 
     def _seal_blocking(self, batch: Batch) -> tuple[Path, int]:
@@ -334,10 +349,9 @@ class Pipeline:
             released.append(stream.uploading.popleft())
         if not released:
             return
-        async with self._watermark_lock:
-            stream.uploaded_seq = max(stream.uploaded_seq, released[-1].last_seq)
-            self.watermarks.seqs[stream.info.disk] = stream.uploaded_seq
-            await asyncio.to_thread(self.watermarks.save)
+        stream.uploaded_seq = max(stream.uploaded_seq, released[-1].last_seq)
+        self.watermarks.seqs[stream.info.disk] = stream.uploaded_seq
+        await self._save_watermarks()
         for batch in released:  # only now may the spool forget them
             assert batch.path is not None
             await asyncio.to_thread(batch.path.unlink, True)
@@ -345,6 +359,15 @@ class Pipeline:
         for notify in self.stored_listeners:
             notify()
         self._update_flow()
+
+    async def _save_watermarks(self) -> None:
+        """Persist the upload watermarks; callers that arrive during a save share the next one."""
+        self._watermarks_dirty = True
+        async with self._watermark_lock:
+            if not self._watermarks_dirty:  # a save that began after our update already covered it
+                return
+            self._watermarks_dirty = False
+            await asyncio.to_thread(self.watermarks.save, dict(self.watermarks.seqs))
 
     # ------------------------------------------------------------ flow control
 

@@ -95,6 +95,6 @@ class UploadWatermarks:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.seqs: dict[str, int] = json.loads(path.read_text()) if path.exists() else {}
 
-    def save(self) -> None:
-        """Blocking: persist atomically (run in a thread)."""
-        write_durably(self.path, json.dumps(self.seqs, sort_keys=True).encode(), mode=0o644)
+    def save(self, snapshot: dict[str, int]) -> None:
+        """Blocking: persist ``snapshot`` (a copy taken on the event loop) atomically; run in a thread."""
+        write_durably(self.path, json.dumps(snapshot, sort_keys=True).encode(), mode=0o644)
