@@ -35,6 +35,35 @@ from protocol.logblob import NONCE_SIZE, BlobHeader, Sealer, blob_name, tag_reco
 log = logging.getLogger(__name__)
 
 
+UPLOAD_GROUP = 64  # blobs one upload worker takes from the queue at once
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+async def put_files(store: CacheStore, items: list[tuple[str, Path]]) -> list[tuple[tuple[str, Path], Exception]]:
+    """Store several blobs — in one call where the store can group them, else concurrently — and
+    return the ones that failed, so a retry repeats only those (a group must not livelock on a
+    store that fails a fraction of all requests)."""
+    grouped = getattr(store, "put_files", None)
+    if grouped is not None:
+        try:
+            await grouped(items)
+        except (StoreError, OSError) as exc:
+            return [(item, exc) for item in items]
+        return []
+    results = await asyncio.gather(*(store.put_file(name, path) for name, path in items), return_exceptions=True)
+    failed = []
+    for item, result in zip(items, results):
+        if isinstance(result, (StoreError, OSError)):
+            failed.append((item, result))
+        elif isinstance(result, BaseException):
+            raise result
+    return failed
+
+
 class FlowListener(Protocol):
     def pause_reading(self) -> None: ...
 
@@ -321,41 +350,49 @@ class Pipeline:
     # ------------------------------------------------------------ upload
 
     async def _upload_worker(self) -> None:
+        """Uploads what has queued up as one group: one store round (for the local store a single
+        directory fsync), one watermark save and one spool clean-up for the whole group."""
         while True:
-            batch = await self._upload_queue.get()
-            assert batch.path is not None
-            await self._upload_with_retry(batch)
-            batch.uploaded = True
-            self.stats.stored_bytes += batch.size
-            await self._advance_uploaded(self.streams[batch.disk])
+            group = [await self._upload_queue.get()]
+            while len(group) < UPLOAD_GROUP and not self._upload_queue.empty():
+                group.append(self._upload_queue.get_nowait())
+            await self._upload_with_retry(group)
+            for batch in group:
+                batch.uploaded = True
+                self.stats.stored_bytes += batch.size
+            await self._advance_uploaded({self.streams[batch.disk] for batch in group})
 
-    async def _upload_with_retry(self, batch: Batch) -> None:
-        assert batch.path is not None
+    async def _upload_with_retry(self, group: list[Batch]) -> None:
         delay = self.config.upload.retry_initial_ms / 1000
         cap = self.config.upload.retry_max_ms / 1000
+        pending = [(batch.name, batch.path) for batch in group if batch.path is not None]
         while True:
-            try:
-                await self.store.put_file(batch.name, batch.path)
+            failed = await put_files(self.store, pending)
+            if not failed:
                 return
-            except (StoreError, OSError) as exc:
-                self.stats.upload_errors += 1
-                log.warning("upload of %s failed (%s); retrying in %.2fs", batch.name, exc, delay)
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter spreads a thundering herd
-                delay = min(delay * 2, cap)
+            self.stats.upload_errors += len(failed)
+            (first, _), exc = failed[0]
+            log.warning("upload of %d blob(s) failed, e.g. %s (%s); retrying in %.2fs", len(failed), first, exc, delay)
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter spreads a thundering herd
+            delay = min(delay * 2, cap)
+            pending = [item for item, _ in failed]
 
-    async def _advance_uploaded(self, stream: DiskStream) -> None:
+    async def _advance_uploaded(self, streams: set[DiskStream]) -> None:
         released: list[Batch] = []
-        while stream.uploading and stream.uploading[0].uploaded:
-            released.append(stream.uploading.popleft())
+        for stream in streams:
+            done: list[Batch] = []
+            while stream.uploading and stream.uploading[0].uploaded:
+                done.append(stream.uploading.popleft())
+            if done:
+                stream.uploaded_seq = max(stream.uploaded_seq, done[-1].last_seq)
+                self.watermarks.seqs[stream.info.disk] = stream.uploaded_seq
+                released += done
         if not released:
             return
-        stream.uploaded_seq = max(stream.uploaded_seq, released[-1].last_seq)
-        self.watermarks.seqs[stream.info.disk] = stream.uploaded_seq
         await self._save_watermarks()
-        for batch in released:  # only now may the spool forget them
-            assert batch.path is not None
-            await asyncio.to_thread(batch.path.unlink, True)
-            self.spool.used_bytes -= batch.size
+        # only now may the spool forget them
+        await asyncio.to_thread(_unlink_all, [batch.path for batch in released if batch.path is not None])
+        self.spool.used_bytes -= sum(batch.size for batch in released)
         for notify in self.stored_listeners:
             notify()
         self._update_flow()

@@ -26,9 +26,20 @@ class LocalStore:
         return self.root / name
 
     async def put_file(self, name: str, path: Path) -> None:
-        await asyncio.to_thread(self._put_file, self._path(name), path)
+        await self.put_files([(name, path)])
 
-    def _put_file(self, target: Path, source: Path) -> None:
+    async def put_files(self, items: list[tuple[str, Path]]) -> None:
+        """Link every file into place, then one fsync per directory: group commit for uploads."""
+        await asyncio.to_thread(self._put_files, [(self._path(name), path) for name, path in items])
+
+    def _put_files(self, items: list[tuple[Path, Path]]) -> None:
+        for target, source in items:
+            self._link(target, source)
+        if self.fsync:
+            for directory in {target.parent for target, _ in items}:
+                fsync_dir(directory)
+
+    def _link(self, target: Path, source: Path) -> None:
         target.parent.mkdir(exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp")
         tmp.unlink(missing_ok=True)
@@ -40,8 +51,6 @@ class LocalStore:
                 with open(tmp, "rb+") as handle:
                     os.fsync(handle.fileno())
         os.replace(tmp, target)
-        if self.fsync:
-            fsync_dir(target.parent)
 
     async def list_blobs(self) -> list[str]:
         return await asyncio.to_thread(self._list)
