@@ -15,7 +15,7 @@ import asyncio
 import logging
 import os
 import random
-import threading
+import queue
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 
 UPLOAD_GROUP = 64  # blobs one upload worker takes from the queue at once
+SPOOL_IO_THREADS = 16  # spool writes + fsyncs in flight at once
 
 
 def _unlink_all(paths: list[Path]) -> None:
@@ -171,7 +172,8 @@ class Pipeline:
         self.stored_listeners: list[Callable[[], None]] = []
         self.stats = PipelineStats()
         self._executor = ThreadPoolExecutor(config.seal_threads, thread_name_prefix="seal")
-        self._scratch = threading.local()
+        self._spool_executor = ThreadPoolExecutor(SPOOL_IO_THREADS, thread_name_prefix="spool")
+        self._buffers: queue.SimpleQueue[bytearray] = queue.SimpleQueue()  # sealed-blob buffers to reuse
         self._upload_queue: asyncio.Queue[Batch] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._uploaders: list[asyncio.Task[None]] = []
@@ -196,20 +198,31 @@ class Pipeline:
                 header = by_disk[disk][0].header
                 info = DiskInfo(disk, "", header.disk_size, SECTOR_SIZE)
             watermark = self.watermarks.seqs.get(disk, 0)
-            blobs = by_disk.get(disk, [])
-            durable = max([watermark, *(b.header.last_seq for b in blobs)])
-            stream = self.streams[disk] = DiskStream(info, durable)
-            stream.uploaded_seq = watermark
+            blobs = sorted(by_disk.get(disk, []), key=lambda b: b.header.first_seq)
+            stream = self.streams[disk] = DiskStream(info, watermark)
+            durable = watermark
             for blob in blobs:
                 if blob.header.last_seq <= watermark:  # uploaded, but the crash came before its removal
+                    stale = True
+                elif blob.header.first_seq == durable + 1:
+                    stale = False
+                else:
+                    # Spool writes complete in any order; acks only ever covered the contiguous prefix. A
+                    # blob after a hole was never acknowledged: the agent resends its writes.
+                    log.warning("spool: %s follows a hole at sequence %d; never acknowledged, dropped",
+                                blob.name, durable + 1)
+                    stale = True
+                if stale:
                     await asyncio.to_thread(blob.path.unlink, True)
                     self.spool.used_bytes -= blob.size
                     continue
+                durable = blob.header.last_seq
                 batch = Batch(disk, blob.header.first_seq, last_seq=blob.header.last_seq, sealed=True,
                               path=blob.path, size=blob.size, last_source_us=blob.header.last_source_us,
                               created_us=blob.header.created_us)
                 stream.uploading.append(batch)
                 self._upload_queue.put_nowait(batch)
+            stream.accepted_seq = stream.durable_seq = durable
             if blobs:
                 log.info("spool: resuming upload of %d blob(s) of disk %r up to sequence %d",
                          len(stream.uploading), disk, durable)
@@ -234,6 +247,7 @@ class Pipeline:
             task.cancel()
         await asyncio.gather(*self._uploaders, *self._tasks, return_exceptions=True)
         self._executor.shutdown(wait=True)
+        self._spool_executor.shutdown(wait=True)
 
     # ------------------------------------------------------------ ingest
 
@@ -306,17 +320,26 @@ class Pipeline:
         task.add_done_callback(self._tasks.discard)
 
     async def _seal(self, stream: DiskStream, batch: Batch) -> None:
+        """Seal on the CPU pool, then write and fsync on the spool pool: fsyncs wait on the disk, not
+        on a core, so many run at once (the kernel commits concurrent fsyncs together) while the seal
+        threads stay busy with lz4 and AES."""
         loop = asyncio.get_running_loop()
+        sealed = await loop.run_in_executor(self._executor, self._seal_blocking, batch)
         delay = self.config.upload.retry_initial_ms / 1000
-        while True:
-            try:
-                batch.path, batch.size = await loop.run_in_executor(self._executor, self._seal_blocking, batch)
-                break
-            except OSError as exc:  # spool disk full or failing: nothing was acknowledged; keep trying
-                log.error("spool: cannot write blob %s: %s; retrying in %.1fs", batch.name, exc, delay)
-                self.stats.spool_errors += 1
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.config.upload.retry_max_ms / 1000)
+        try:
+            while True:
+                try:
+                    batch.path = await loop.run_in_executor(self._spool_executor, self.spool.write, batch.name,
+                                                            sealed)
+                    batch.size = len(sealed)
+                    break
+                except OSError as exc:  # spool disk full or failing: nothing was acknowledged; keep trying
+                    log.error("spool: cannot write blob %s: %s; retrying in %.1fs", batch.name, exc, delay)
+                    self.stats.spool_errors += 1
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.config.upload.retry_max_ms / 1000)
+        finally:
+            self._buffers.put(sealed.obj)  # reuse: a fresh multi-MiB buffer per blob costs page faults
         batch.sealed = True
         batch.pieces = []
         self.inflight_bytes -= batch.payload_bytes
@@ -337,15 +360,16 @@ class Pipeline:
             self._cut(stream)
         self._update_flow()
 
-    def _seal_blocking(self, batch: Batch) -> tuple[Path, int]:
-        """Worker thread: join once, lz4 + AES-GCM into a reused buffer, fsync into the spool."""
+    def _seal_blocking(self, batch: Batch) -> memoryview:
+        """Worker thread: join once, lz4 + AES-GCM into a reused buffer."""
         records = b"".join(batch.pieces)
         header = BlobHeader(batch.disk, self.streams[batch.disk].info.size, batch.first_seq, batch.last_seq,
                             batch.last_seq - batch.first_seq + 1, batch.created_us, batch.last_source_us)
-        sealed = self.sealer.seal(records, header, os.urandom(NONCE_SIZE), out=getattr(self._scratch, "buf", None))
-        self._scratch.buf = sealed.obj
-        path = self.spool.write(batch.name, sealed)
-        return path, len(sealed)
+        try:
+            buffer: bytearray | None = self._buffers.get_nowait()
+        except queue.Empty:
+            buffer = None
+        return self.sealer.seal(records, header, os.urandom(NONCE_SIZE), out=buffer)
 
     # ------------------------------------------------------------ upload
 

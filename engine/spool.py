@@ -7,7 +7,10 @@ upload watermark recording that is durable, so after any crash
 
     durable sequence of a disk = max(upload watermark, last sequence in the spool)
 
-which is what the server tells a reconnecting agent to resume from.
+counted only over the contiguous run of spooled blobs after the watermark: spool
+writes complete in any order, but an ack only ever covers a contiguous prefix,
+so a blob after a hole was never acknowledged and is dropped. That durable
+sequence is what the server tells a reconnecting agent to resume from.
 """
 
 from __future__ import annotations
