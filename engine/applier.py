@@ -98,6 +98,7 @@ class Applier:
         self._wake = asyncio.Event()
         self._pass_lock = asyncio.Lock()  # one pass at a time: a disk is never applied by two tasks
         self._slots = asyncio.Semaphore(APPLY_SLOTS)
+        self._opening: dict[str, asyncio.Lock] = {}
         self._stopping = False
 
     # ------------------------------------------------------------ state
@@ -115,7 +116,18 @@ class Applier:
         return points_of(disk, d.entries) if d else []
 
     async def disk(self, name: str, size: int = 0) -> DiskState:
-        """The disk's in-memory state, opening its volume (and recovering it) on first use."""
+        """The disk's in-memory state, opening its volume (and recovering it) on first use.
+
+        Opening awaits the volume; the lock makes a second caller (a pass and a failover at
+        once) wait for the first instead of building a second, stale state for the same disk.
+        """
+        d = self.disks.get(name)
+        if d is not None:
+            return d
+        async with self._opening.setdefault(name, asyncio.Lock()):
+            return await self._open_disk(name, size)
+
+    async def _open_disk(self, name: str, size: int) -> DiskState:
         d = self.disks.get(name)
         if d is None:
             volume = self.volumes(name)
@@ -198,8 +210,13 @@ class Applier:
             return sum(counts)
 
     async def catch_up(self, disk: str) -> int:
-        """Apply every blob of ``disk`` already in the cache store; returns the applied sequence."""
-        while await self.apply_available(force=True, only=disk):
+        """Apply every blob of ``disk`` already in the cache store; returns the applied sequence.
+
+        The target is fixed when asked: applying "until nothing is new" would never end while the
+        agent uploads faster than a pass applies.
+        """
+        target = max((last for _, last, _ in (await self.pending()).get(disk, [])), default=0)
+        while self.applied_seq(disk) < target and await self.apply_available(force=True, only=disk):
             pass
         return self.applied_seq(disk)
 
@@ -366,6 +383,9 @@ class Applier:
         self._compressor.shutdown(wait=True)
         for d in self.disks.values():
             await d.volume.close()
+        close_volumes = getattr(self.volumes, "close", None)  # e.g. releases an Azure lease
+        if close_volumes is not None:
+            await close_volumes()
 
 
 PREFETCH_BLOBS = 4  # blobs fetched and opened ahead of the one being applied

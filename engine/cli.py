@@ -126,8 +126,12 @@ def apply(config_path: Path | None) -> None:
         from engine.control import ControlPlane
 
         store = open_store(config)
-        applier = build_applier(config, store, keys)
-        await applier.open_existing()
+        try:
+            applier = build_applier(config, store, keys)
+            await applier.open_existing()  # an Azure seed takes its lease here
+        except ApplierLocked as exc:
+            lock.release()
+            raise click.ClickException(str(exc)) from None
         control = ControlPlane(config, None, applier, lock, "blockferry apply")
         await control.start()
         console.print(f"applier: {config.store_dir} → {config.seed_dir}"
@@ -325,7 +329,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
 
 async def _status(config: Config) -> list[dict[str, object]]:
     """From the running applier's API, or — when none runs — from the seed directory and cache store."""
-    from engine.applier import ApplierLock
+    from engine.applier import ApplierLock, ApplierLocked
     from engine.monitor import Monitor
     from engine.recovery.service import RecoveryError, admin_token, running_admin_url
     from engine.server import build_applier, load_keyring, open_store
@@ -345,7 +349,10 @@ async def _status(config: Config) -> list[dict[str, object]]:
     store = open_store(config)
     applier = build_applier(config, store, load_keyring(config, create=False))
     try:
-        await applier.open_existing()
+        try:
+            await applier.open_existing()  # an Azure seed takes its lease here
+        except ApplierLocked as exc:
+            raise click.ClickException(str(exc)) from None
         await applier.pending()
         return [h.as_dict() for h in Monitor(config, None, applier).snapshot()]
     finally:

@@ -224,17 +224,56 @@ class KeysConfig(_Section):
                                       description="Retired keys still needed to open older blobs.")
 
 
+class SeedAzureConfig(_Section):
+    """Seed disks on Azure Blob Storage (used when applier.volume = "azure"): each disk's image is a page blob
+    <prefix><disk>.img, its applier state the block blob <prefix><disk>.state.json and its undo journal the block
+    blobs <prefix>journal/<disk>/*.undo, so the applier can run on any machine that reaches the account. The account,
+    its credentials, timeouts and SDK retries are those of [store.azure] (that table, else the BLOCKFERRY_AZURE_*
+    environment), whatever store.kind is. The running applier holds a lease on the blob <prefix>.applier.lock, so a
+    second applier on the same container and prefix is refused, from any machine."""
+
+    container: str = Field("blockferry-seed", description="Container of the seed page blobs, applier state and "
+                                                          "undo journal; created if missing.")
+    prefix: str = Field("", description="Blob-name prefix (a virtual folder such as \"site-a/\") so several "
+                                        "appliers can share one container, each with its own lease; \"\" = none.")
+    max_concurrency: int = Field(8, ge=1, le=64, description="Parallel requests of one seed operation on one disk "
+                                                             "(page uploads of up to 4 MiB, range reads, the page "
+                                                             "ranges of a failover copy).")
+
+    @field_validator("container")
+    @classmethod
+    def _container_name(cls, value: str) -> str:
+        if not _CONTAINER_NAME.fullmatch(value):
+            raise ValueError("an Azure container name is 3-63 characters of a-z, 0-9 and single hyphens, "
+                             "starting and ending with a letter or digit")
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if value.startswith("/") or ".." in value.split("/") or "\\" in value:
+            raise ValueError("a blob-name prefix must not start with '/' or contain '..' or '\\'")
+        return value if not value or value.endswith("/") else value + "/"
+
+
 class ApplierConfig(_Section):
     enabled: bool = Field(True, description="Run the applier inside `blockferry serve` (embedded default).")
+    volume: Literal["local", "azure"] = Field("local", description="Where seed disks, applier state and the undo "
+                                                                   "journal live: 'local' (sparse files in seed_dir) "
+                                                                   "or 'azure' (page blobs, see [applier.azure]).")
     seed_dir: Path | None = Field(None, description="Directory of seed disks (one sparse file per disk) and "
-                                                    "applier state; empty: <data_dir>/seed.")
+                                                    "applier state; with volume = 'azure' it holds only the "
+                                                    "applier's lock file and the id of its Azure lease; empty: "
+                                                    "<data_dir>/seed.")
     poll_ms: float = Field(200.0, gt=0, description="How often the applier looks for new log blobs (ms).")
-    fsync: bool = Field(True, description="fsync the seed disk before recording progress (keep on).")
-    group_max_bytes: ByteSize = Field(ByteSize(64 * 1024 * 1024), ge=1024 * 1024,
+    fsync: bool = Field(True, description="fsync the local seed disk before recording progress (keep on); an "
+                                          "Azure page write is durable once acknowledged.")
+    group_max_bytes: ByteSize = Field(ByteSize(16 * 1024 * 1024), ge=1024 * 1024,
                                       description="Most log-blob payload folded into one apply group (one undo "
                                                   "entry); a backlog is applied as several groups.")
     prune_interval_s: float = Field(30.0, gt=0, description="How often recovery points beyond retention are "
                                                             "pruned (s); pruning never pauses applying.")
+    azure: SeedAzureConfig = Field(default_factory=SeedAzureConfig)
 
 
 class PolicyConfig(_Section):

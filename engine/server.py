@@ -58,10 +58,20 @@ def load_keyring(config: Config, *, create: bool) -> KeyRing:
 
 
 def build_applier(config: Config, store: CacheStore, keys: KeyRing) -> Applier:
-    """The applier as configured (the caller holds the seed directory's ApplierLock)."""
+    """The applier as configured (the caller holds the seed directory's ApplierLock).
+
+    With ``applier.volume = "azure"`` the seed disks are page blobs; the applier also takes a lease on the seed
+    container's lock blob on first use (refused with ApplierLocked while another applier, from any machine, holds
+    it) and releases it when closed.
+    """
+    options = {"poll_s": config.applier.poll_ms / 1000, "group_max_bytes": int(config.applier.group_max_bytes),
+               "prune_interval_s": config.applier.prune_interval_s}
+    if config.applier.volume == "azure":
+        from engine.recovery.azure_volume import AzureVolumes  # the Azure SDK only when used
+
+        return Applier(store, keys, AzureVolumes.from_config(config), config.policy_for, **options)
     return Applier(store, keys, LocalVolumes(config.seed_dir, fsync=config.applier.fsync), config.policy_for,
-                   poll_s=config.applier.poll_ms / 1000, group_max_bytes=int(config.applier.group_max_bytes),
-                   prune_interval_s=config.applier.prune_interval_s)
+                   **options)
 
 
 class ProcessServer:

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from azurite import Azurite
 from engine.agent import Agent
 from engine.auth import DEFAULT_AGENT, read_token
 from engine.config import Config
@@ -19,11 +20,103 @@ from engine.tls import client_context
 BLOCKFERRY = str(Path(sys.executable).parent / "blockferry")
 
 
-def make_config(data_dir: Path, **sections: dict) -> Config:
+def make_config(data_dir: Path, *extra: dict, **sections: dict) -> Config:
+    """A config under ``data_dir``; ``extra`` (e.g. :func:`backend_sections`) is merged in key by key."""
     raw: dict = {"server": {"data_dir": str(data_dir), "port": 0}, "http": {"port": 0}}
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
+    for more in extra:
+        _merge(raw, more)
     return Config.model_validate(raw)
+
+
+def _merge(into: dict, more: dict) -> None:
+    for key, value in more.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+# ------------------------------------------------------------------ seed and cache-store backends
+
+SEED_BACKENDS = ["local", "azure"]
+
+
+def backend_sections(azurite: Azurite | None, *, seed: str = "local", store: str = "local",
+                     label: str = "t") -> dict:
+    """Config sections for a seed volume ("local" | "azure") and a cache store ("local" | "azure") on Azurite;
+    each Azure part in a fresh container (see :func:`azure_containers`)."""
+    sections: dict = {}
+    if "azure" in (seed, store):
+        assert azurite is not None, "an Azure backend needs the azurite fixture"
+        sections["store"] = {"azure": {"connection_string": azurite.connection_string()}}
+    if store == "azure":
+        sections["store"] = azurite.store_section(azurite.new_container(f"{label}-cache"))  # type: ignore[union-attr]
+    if seed == "azure":
+        sections["applier"] = {"volume": "azure",
+                               "azure": {"container": azurite.new_container(f"{label}-seed")}}  # type: ignore
+    return sections
+
+
+def azure_containers(config: Config) -> list[str]:
+    """The Azurite containers a config uses (to delete after a test)."""
+    out = []
+    if config.store.kind == "azure":
+        out.append(config.store.azure.container)
+    if config.applier.volume == "azure":
+        out.append(config.applier.azure.container)
+    return out
+
+
+async def delete_containers(config: Config) -> None:
+    from azure.storage.blob.aio import BlobServiceClient
+
+    containers = azure_containers(config)
+    if not containers:
+        return
+    async with BlobServiceClient.from_connection_string(
+            config.store.azure.credentials().connection_string.get_secret_value()) as client:  # type: ignore
+        for container in containers:
+            try:
+                await client.delete_container(container)
+            except Exception:  # noqa: BLE001 - never created
+                pass
+
+
+def _seed_blob(config: Config, name: str):  # type: ignore[no-untyped-def]
+    from azure.storage.blob import BlobClient
+
+    creds = config.store.azure.credentials()
+    assert creds.connection_string is not None
+    return BlobClient.from_connection_string(creds.connection_string.get_secret_value(),
+                                             config.applier.azure.container, config.applier.azure.prefix + name)
+
+
+def read_seed(config: Config, disk: str) -> bytes:
+    """The seed image of ``disk`` (the local file, or the page blob up to the disk size)."""
+    if config.applier.volume == "local":
+        return (config.seed_dir / f"{disk}.img").read_bytes()
+    with _seed_blob(config, f"{disk}.img") as blob:
+        props = blob.get_blob_properties()
+        size = int(props.metadata.get("disk_size", props.size))
+        return blob.download_blob(offset=0, length=size, max_concurrency=4).readall() if size else b""
+
+
+def seed_state(config: Config, disk: str) -> dict | None:
+    """The applier state record of ``disk``, None if there is none yet."""
+    if config.applier.volume == "local":
+        try:
+            return json.loads((config.seed_dir / f"{disk}.state.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+    from azure.core.exceptions import ResourceNotFoundError
+
+    with _seed_blob(config, f"{disk}.state.json") as blob:
+        try:
+            return json.loads(blob.download_blob().readall())
+        except ResourceNotFoundError:
+            return None
 
 
 def agent_for(data_dir: Path, port: int, **kwargs: object) -> Agent:

@@ -7,10 +7,12 @@ import hashlib
 import random
 from pathlib import Path
 
+import pytest
+
 from engine.server import ProcessServer
 from engine.workload import ContentPool, random_writes
 from protocol import TagKind
-from support import agent_for, make_config
+from support import agent_for, backend_sections, delete_containers, make_config, read_seed, seed_state
 
 MiB = 1024 * 1024
 
@@ -36,12 +38,24 @@ async def write_workload(agent, sources: dict[str, bytearray], total_bytes: int,
     return written
 
 
-async def test_several_disks_replicate_byte_identical(tmp_path: Path) -> None:
+@pytest.mark.parametrize("store,seed", [("local", "local"), ("local", "azure"), ("azure", "azure")],
+                         ids=["local", "azure-seed", "azure-store-and-seed"])
+async def test_several_disks_replicate_byte_identical(tmp_path: Path, store: str, seed: str,
+                                                      request: pytest.FixtureRequest) -> None:
     data = tmp_path / "data"
+    azurite = request.getfixturevalue("azurite") if "azure" in (store, seed) else None
     # Small batches and a small in-flight budget: many blobs, and backpressure is exercised.
-    config = make_config(data, batch={"max_bytes": 256 * 1024, "linger_ms": 2},
-                         pipeline={"max_inflight_bytes": 2 * MiB})
+    config = make_config(data, backend_sections(azurite, store=store, seed=seed, label="e2e"),
+                         batch={"max_bytes": 256 * 1024, "linger_ms": 2}, pipeline={"max_inflight_bytes": 2 * MiB})
     pool = ContentPool(8 * MiB)
+    try:  # Azurite is CPU-bound and shares this machine's cores: a smaller workload on Azure
+        await _replicate_several_disks(config, pool, 120 * MiB if seed == "local" else 48 * MiB)
+    finally:
+        await delete_containers(config)
+
+
+async def _replicate_several_disks(config, pool: ContentPool, total: int) -> None:  # type: ignore[no-untyped-def]
+    data = config.server.data_dir
     async with ProcessServer(config) as server:
         async with agent_for(data, server.connect_info.port, max_unacked_bytes=8 * MiB) as agent:
             sources = {}
@@ -57,7 +71,7 @@ async def test_several_disks_replicate_byte_identical(tmp_path: Path) -> None:
                     await asyncio.sleep(0.001)
 
             watcher = asyncio.create_task(watch())
-            written = await write_workload(agent, sources, 120 * MiB, pool)
+            written = await write_workload(agent, sources, total, pool)
             await agent.flush()
             watcher.cancel()
             await server.drain()
@@ -67,12 +81,16 @@ async def test_several_disks_replicate_byte_identical(tmp_path: Path) -> None:
             # Bounded: the budget plus at most one read chunk per connection and one max-size write.
             assert peak <= 2 * MiB + 2 * MiB, peak
             for name, source in sources.items():
-                seed = (config.seed_dir / f"{name}.img").read_bytes()
+                seed = read_seed(config, name)
                 assert sha(seed) == sha(source), f"{name} differs from its source"
                 assert server.applier.applied_seq(name) == agent.disks[name].acked_seq
+                assert seed_state(config, name)["applied_seq"] == agent.disks[name].acked_seq  # type: ignore[index]
         # applied blobs are deleted from the cache store, and the spool is empty
         assert not list(config.store_dir.glob("*/*.bflog"))
         assert not list(config.spool_dir.glob("*/*.bflog"))
+        assert await server.store.list_blobs() == []  # type: ignore[union-attr]
+        if config.applier.volume == "azure":  # nothing of the seed went to the local seed directory
+            assert not list(config.seed_dir.glob("*.img")) and not list(config.seed_dir.glob("*.state.json"))
 
 
 async def test_restart_resumes_from_durable_state(tmp_path: Path) -> None:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
+from engine.config import Config
 from engine.recovery.service import LocalRecovery, RecoveryError
 from engine.server import ProcessServer
 from engine.workload import ContentPool, random_writes
 from protocol import TagKind
-from support import agent_for, make_config
+from support import SEED_BACKENDS, agent_for, backend_sections, delete_containers, make_config, read_seed
 
 MiB = 1024 * 1024
 SIZE = 8 * MiB
@@ -39,9 +42,26 @@ async def write_some(disk, recorder: Recorder, writes, count: int) -> None:
         recorder.writes.append((seq, w.offset, bytes(w.data)))
 
 
-async def test_failover_to_app_point_and_latest_while_writing(tmp_path: Path) -> None:
+@pytest.fixture(params=SEED_BACKENDS)
+async def seed(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Config]]:
+    """Builds configs for the seed backend of this run (local files, or page blobs on Azurite); deletes the
+    Azure containers afterwards."""
+    azurite = request.getfixturevalue("azurite") if request.param == "azure" else None
+    made: list[Config] = []
+
+    def config(data: Path, **sections: dict) -> Config:
+        made.append(make_config(data, backend_sections(azurite, seed=request.param, label="failover"), **sections))
+        return made[-1]
+
+    config.backend = request.param  # type: ignore[attr-defined]
+    yield config
+    for config in made:
+        await delete_containers(config)
+
+
+async def test_failover_to_app_point_and_latest_while_writing(tmp_path: Path, seed) -> None:
     data = tmp_path / "data"
-    config = make_config(data, policy={"crash_point_interval_ms": 20})
+    config = seed(data, policy={"crash_point_interval_ms": 20})
     writes = random_writes(ContentPool(4 * MiB), SIZE, max_size=256 * 1024, seed=3)
     recorder = Recorder()
     async with ProcessServer(config) as server, agent_for(data, server.connect_info.port) as agent:
@@ -56,10 +76,14 @@ async def test_failover_to_app_point_and_latest_while_writing(tmp_path: Path) ->
 
         keep_writing = asyncio.Event()
 
+        # Slower on Azurite (CPU-bound, sharing this machine's cores), whose apply rate is below what the agent
+        # writes here: keeps the backlog (and the final drain) short.
+        pause = 0.005 if seed.backend == "local" else 0.05
+
         async def churn() -> None:  # replication goes on during the failovers
             while not keep_writing.is_set():
                 await write_some(disk, recorder, writes, 5)
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(pause)
 
         writer = asyncio.create_task(churn())
         try:
@@ -94,13 +118,13 @@ async def test_failover_to_app_point_and_latest_while_writing(tmp_path: Path) ->
         # test failovers changed nothing: replication went on and the seed is still the source
         await server.drain()
         assert server.applier.applied_seq("vm1") == disk.acked_seq
-        assert (config.seed_dir / "vm1.img").read_bytes() == recorder.state_at(disk.acked_seq)
+        assert read_seed(config, "vm1") == recorder.state_at(disk.acked_seq)
         assert server.applier.disks["vm1"].state.failover_seq is None
 
 
-async def test_failover_commit_stops_replication(tmp_path: Path) -> None:
+async def test_failover_commit_stops_replication(tmp_path: Path, seed) -> None:
     data = tmp_path / "data"
-    config = make_config(data, policy={"crash_point_interval_ms": 10})
+    config = seed(data, policy={"crash_point_interval_ms": 10})
     writes = random_writes(ContentPool(2 * MiB), SIZE, max_size=64 * 1024, seed=4)
     recorder = Recorder()
     async with ProcessServer(config) as server:
@@ -109,6 +133,8 @@ async def test_failover_commit_stops_replication(tmp_path: Path) -> None:
             disk = await agent.open_disk("vm2", SIZE)
             await write_some(disk, recorder, writes, 100)
             await agent.flush()
+        # acknowledged means spooled; "latest" applies what reached the cache store: let the uploads finish
+        await server.pipeline.drain()
         with pytest.raises(RecoveryError, match="no failover to commit"):
             await recovery.commit("vm2")
         result = await recovery.failover("vm2", "latest", tmp_path / "fo.img", test=False)
@@ -126,7 +152,12 @@ async def test_failover_commit_stops_replication(tmp_path: Path) -> None:
             await recovery.failover("vm2", "latest", tmp_path / "again.img", test=True)
 
 
-async def test_unknown_point_and_disk_are_clear_errors(server: ProcessServer, tmp_path: Path) -> None:
+async def test_unknown_point_and_disk_are_clear_errors(tmp_path: Path, seed) -> None:
+    async with ProcessServer(seed(tmp_path / "data")) as server:
+        await _unknown_point_and_disk_are_clear_errors(server, tmp_path)
+
+
+async def _unknown_point_and_disk_are_clear_errors(server: ProcessServer, tmp_path: Path) -> None:
     recovery = LocalRecovery(server.applier)
     with pytest.raises(RecoveryError, match="no seed disk"):
         await recovery.failover("nope", "latest", tmp_path / "x.img", test=True)
@@ -140,3 +171,71 @@ async def test_unknown_point_and_disk_are_clear_errors(server: ProcessServer, tm
         await recovery.failover("d", "latest-app", tmp_path / "x.img", test=True)
     with pytest.raises(RecoveryError, match="not latest"):
         await recovery.failover("d", "yesterday", tmp_path / "x.img", test=True)
+
+
+async def test_cost_is_a_copy_plus_the_changes_since_the_point(tmp_path: Path) -> None:
+    """Latest = one copy (nothing rolled back); an older point rolls back only the entries after it."""
+    data = tmp_path / "data"
+    config = make_config(data, policy={"crash_point_interval_ms": 0})
+    recorder = Recorder()
+    writes = random_writes(ContentPool(2 * MiB), SIZE, max_size=64 * 1024, seed=5)
+    async with ProcessServer(config) as server, agent_for(data, server.connect_info.port) as agent:
+        recovery = LocalRecovery(server.applier)
+        disk = await agent.open_disk("cost", SIZE)
+        for _ in range(12):  # twelve apply groups, one point each
+            await write_some(disk, recorder, writes, 3)
+            await agent.flush()
+            await server.drain()
+        points = await recovery.points("cost")
+        assert len(points) == 12
+        latest = await recovery.failover("cost", "latest-processed", tmp_path / "l.img", test=True)
+        assert latest["rolled_back_entries"] == 0
+        for back in (1, 5, 11):
+            point = points[-1 - back]
+            result = await recovery.failover("cost", point.id, tmp_path / "p.img", test=True)
+            assert result["rolled_back_entries"] == back
+            assert (tmp_path / "p.img").read_bytes() == recorder.state_at(point.seq)
+
+
+async def test_failover_does_not_pause_the_applier_and_repairs_a_torn_copy(tmp_path: Path) -> None:
+    """The copy is slowed down while the agent keeps writing: groups are applied *during* the copy (the
+    copy is torn) and the roll-back still yields exactly the chosen point."""
+    data = tmp_path / "data"
+    config = make_config(data, policy={"crash_point_interval_ms": 5})
+    size = 32 * MiB
+    recorder = Recorder()
+    recorder_size = size
+    writes = random_writes(ContentPool(4 * MiB), size, max_size=256 * 1024, seed=6)
+    async with ProcessServer(config) as server, agent_for(data, server.connect_info.port) as agent:
+        recovery = LocalRecovery(server.applier)
+        disk = await agent.open_disk("torn", size)
+        await write_some(disk, recorder, writes, 200)
+        await agent.flush()
+        await server.drain()
+        applied_during: list[int] = []
+        stop = asyncio.Event()
+
+        async def churn() -> None:
+            while not stop.is_set():
+                await write_some(disk, recorder, writes, 4)
+                await asyncio.sleep(0.002)
+
+        def slow_progress(done: int, total: int) -> None:  # runs in the copying thread
+            applied_during.append(server.applier.applied_seq("torn"))
+            time.sleep(0.05)
+
+        writer = asyncio.create_task(churn())
+        try:
+            result = await recovery.failover("torn", "latest-processed", tmp_path / "torn.img", test=True,
+                                             progress=slow_progress)
+        finally:
+            stop.set()
+            await writer
+        assert applied_during[-1] > applied_during[0], "the applier kept applying while the copy ran"
+        assert result["rolled_back_entries"] > 0, "groups applied during the copy were rolled back"
+        image = (tmp_path / "torn.img").read_bytes()
+        expected = bytearray(recorder_size)
+        for seq, offset, payload in recorder.writes:
+            if seq <= result["seq"]:
+                expected[offset:offset + len(payload)] = payload
+        assert image == bytes(expected)
