@@ -108,7 +108,26 @@ class AzureCredentials:
     method: Literal["connection_string", "account_key", "sas_token"] = "connection_string"
 
 
-class AzureStoreConfig(_Section):
+class _BlobLocation(_Section):
+    """Validation shared by the tables that name an Azure container and a blob-name prefix."""
+
+    @field_validator("container", check_fields=False)
+    @classmethod
+    def _container_name(cls, value: str) -> str:
+        if not _CONTAINER_NAME.fullmatch(value):
+            raise ValueError("an Azure container name is 3-63 characters of a-z, 0-9 and single hyphens, "
+                             "starting and ending with a letter or digit")
+        return value
+
+    @field_validator("prefix", check_fields=False)
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if value.startswith("/") or ".." in value.split("/") or "\\" in value:
+            raise ValueError("a blob-name prefix must not start with '/' or contain '..' or '\\'")
+        return value if not value or value.endswith("/") else value + "/"
+
+
+class AzureStoreConfig(_BlobLocation):
     """Azure Blob Storage cache account (used when store.kind = "azure"). Credentials are taken from this table
     if it holds any, else from the environment (BLOCKFERRY_AZURE_CONNECTION_STRING, or BLOCKFERRY_AZURE_ACCOUNT_URL
     with BLOCKFERRY_AZURE_SAS_TOKEN or BLOCKFERRY_AZURE_ACCOUNT_KEY); secrets are never printed."""
@@ -141,21 +160,6 @@ class AzureStoreConfig(_Section):
                                                          "upload retry takes over.")
     retry_initial_ms: float = Field(250.0, gt=0, description="First SDK retry delay (ms); doubles per retry.")
     retry_max_ms: float = Field(8000.0, gt=0, description="Cap of the SDK retry delay (ms).")
-
-    @field_validator("container")
-    @classmethod
-    def _container_name(cls, value: str) -> str:
-        if not _CONTAINER_NAME.fullmatch(value):
-            raise ValueError("an Azure container name is 3-63 characters of a-z, 0-9 and single hyphens, "
-                             "starting and ending with a letter or digit")
-        return value
-
-    @field_validator("prefix")
-    @classmethod
-    def _prefix(cls, value: str) -> str:
-        if value.startswith("/") or ".." in value.split("/") or "\\" in value:
-            raise ValueError("a blob-name prefix must not start with '/' or contain '..' or '\\'")
-        return value if not value or value.endswith("/") else value + "/"
 
     @field_validator("account_url")
     @classmethod
@@ -224,7 +228,7 @@ class KeysConfig(_Section):
                                       description="Retired keys still needed to open older blobs.")
 
 
-class SeedAzureConfig(_Section):
+class SeedAzureConfig(_BlobLocation):
     """Seed disks on Azure Blob Storage (used when applier.volume = "azure"): each disk's image is a page blob
     <prefix><disk>.img, its applier state the block blob <prefix><disk>.state.json and its undo journal the block
     blobs <prefix>journal/<disk>/*.undo, so the applier can run on any machine that reaches the account. The account,
@@ -239,21 +243,6 @@ class SeedAzureConfig(_Section):
     max_concurrency: int = Field(8, ge=1, le=64, description="Parallel requests of one seed operation on one disk "
                                                              "(page uploads of up to 4 MiB, range reads, the page "
                                                              "ranges of a failover copy).")
-
-    @field_validator("container")
-    @classmethod
-    def _container_name(cls, value: str) -> str:
-        if not _CONTAINER_NAME.fullmatch(value):
-            raise ValueError("an Azure container name is 3-63 characters of a-z, 0-9 and single hyphens, "
-                             "starting and ending with a letter or digit")
-        return value
-
-    @field_validator("prefix")
-    @classmethod
-    def _prefix(cls, value: str) -> str:
-        if value.startswith("/") or ".." in value.split("/") or "\\" in value:
-            raise ValueError("a blob-name prefix must not start with '/' or contain '..' or '\\'")
-        return value if not value or value.endswith("/") else value + "/"
 
 
 class ApplierConfig(_Section):
