@@ -67,7 +67,7 @@ class BatchConfig(_Section):
 
 
 class PipelineConfig(_Section):
-    max_inflight_bytes: ByteSize = Field(ByteSize(256 * 1024 * 1024), ge=1024 * 1024,
+    max_inflight_bytes: ByteSize = Field(ByteSize(128 * 1024 * 1024), ge=1024 * 1024,
                                          description="Payload bytes received but not yet durable, over all disks; "
                                                      "beyond it the server stops reading agent sockets (backpressure).")
     seal_threads: int = Field(0, ge=0, description="Threads for lz4 + AES-GCM sealing; 0 = one per CPU core.")

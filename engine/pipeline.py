@@ -339,7 +339,10 @@ class Pipeline:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.config.upload.retry_max_ms / 1000)
         finally:
-            self._buffers.put(sealed.obj)  # reuse: a fresh multi-MiB buffer per blob costs page faults
+            # reuse (a fresh multi-MiB buffer per blob costs page faults), but keep only as many as
+            # the seal threads can fill at once: a burst must not pin its peak in memory for good
+            if self._buffers.qsize() < 2 * self.config.seal_threads:
+                self._buffers.put(sealed.obj)
         batch.sealed = True
         batch.pieces = []
         self.inflight_bytes -= batch.payload_bytes
