@@ -76,7 +76,8 @@ class PipelineConfig(_Section):
 class SpoolConfig(_Section):
     dir: Path | None = Field(None, description="Where sealed blobs wait for upload; empty: <data_dir>/spool.")
     max_bytes: ByteSize = Field(ByteSize(8 * 1024**3), ge=1024 * 1024,
-                                description="Spool capacity (bytes); when full, ingest pauses until uploads free space.")
+                                description="Spool capacity (bytes); when full, ingest pauses until uploads free "
+                                            "space.")
     fsync: bool = Field(True, description="fsync each spooled blob before acknowledging it (never turn off in "
                                           "production: an ack would no longer mean durable).")
 

@@ -171,7 +171,8 @@ def decode_body(frame_type_value: int, body: memoryview, *, verify_checksum: boo
     if frame_type_value == FrameType.WRITE:
         if len(body) < WRITE_HEADER.size:
             raise RemoteProtocolError(
-                ErrorCode.BAD_FRAME, f"WRITE frame of {len(body)} bytes is shorter than its {WRITE_HEADER.size}-byte header"
+                ErrorCode.BAD_FRAME,
+                f"WRITE frame of {len(body)} bytes is shorter than its {WRITE_HEADER.size}-byte header",
             )
         handle, seq, offset, timestamp_us, checksum = WRITE_HEADER.unpack_from(body)
         data = body[WRITE_HEADER.size:]

@@ -25,11 +25,15 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from azure.storage.blob.aio import BlobServiceClient
 
 ACCOUNT = "devstoreaccount1"
 ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
@@ -172,3 +176,13 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
         if started:
             stop(_instance)
         _instance = None
+
+
+@pytest.fixture
+async def admin(azurite: Azurite) -> AsyncIterator[BlobServiceClient]:
+    """A plain SDK client on the account: to look behind the backends' back and to clean up."""
+    from azure.storage.blob.aio import BlobServiceClient
+
+    client = BlobServiceClient.from_connection_string(azurite.connection_string())
+    yield client
+    await client.close()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from azurite import azurite  # noqa: F401  (session fixture: Azurite for the Azure tests)
+from azurite import admin, azurite  # noqa: F401  (fixtures: Azurite and an SDK client on it)
 from engine.server import ProcessServer
 from support import make_config
 

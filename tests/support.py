@@ -191,3 +191,12 @@ async def wait_applied(seed_dir: Path, targets: dict[str, int], timeout: float =
             got = {disk: applied_seq(seed_dir, disk) for disk in targets}
             raise TimeoutError(f"applier did not catch up: want {targets}, have {got}")
         await asyncio.sleep(0.05)
+
+
+def state_at(writes: list[tuple[int, int, bytes]], size: int, seq: int) -> bytes:
+    """The source disk after sequence ``seq``, rebuilt from a log of (seq, offset, data) writes."""
+    image = bytearray(size)
+    for s, offset, data in writes:
+        if s <= seq:
+            image[offset:offset + len(data)] = data
+    return bytes(image)

@@ -26,7 +26,7 @@ from azure.core.exceptions import ServiceRequestError
 from azure.storage.blob import BlobType, ContainerSasPermissions, generate_container_sas
 from azure.storage.blob.aio import BlobServiceClient
 
-from azurite import ACCOUNT, ACCOUNT_KEY, Azurite, azurite  # noqa: F401  (azurite: the session fixture)
+from azurite import ACCOUNT, ACCOUNT_KEY, Azurite
 from engine.config import AZURE_ENV, AzureStoreConfig, ConfigError, parse_config
 from engine.keys import KeyRing
 from engine.server import ProcessServer, build_applier, open_store
@@ -41,14 +41,6 @@ BAD_KEY = base64.b64encode(hashlib.sha512(b"not the account key").digest()).deco
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture
-async def admin(azurite: Azurite) -> AsyncIterator[BlobServiceClient]:
-    """A plain SDK client on the account: to look behind the store's back and to clean up."""
-    client = BlobServiceClient.from_connection_string(azurite.connection_string())
-    yield client
-    await client.close()
 
 
 @pytest.fixture

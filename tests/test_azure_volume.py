@@ -27,7 +27,7 @@ from azure.storage.blob.aio import BlobLeaseClient, BlobServiceClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from azurite import Azurite, azurite  # noqa: F401  (azurite: the session fixture)
+from azurite import Azurite
 from engine.applier import ApplierLocked
 from engine.config import AZURE_ENV, AzureStoreConfig, ConfigError, SeedAzureConfig, load_config, parse_config
 from engine.recovery.azure_volume import (
@@ -43,7 +43,8 @@ from engine.store import StoreError
 from engine.workload import ContentPool, random_writes
 from faultproxy import FaultProxy
 from protocol.journal import EntryName
-from support import BLOCKFERRY, ServerProcess, agent_for, free_port, make_config, read_seed, seed_state, write_config
+from support import (BLOCKFERRY, ServerProcess, agent_for, free_port, make_config, read_seed, seed_state, state_at,
+                     write_config)
 
 MiB = 1024 * 1024
 BAD_KEY = "bm90IHRoZSBhY2NvdW50IGtleSBidXQgdmFsaWQgYmFzZTY0IG9mIHNvbWUgbGVuZ3RoIQ=="
@@ -157,13 +158,6 @@ def test_written_ranges_are_the_union_of_writes(added, queries) -> None:
 
 
 # --------------------------------------------------------------------------------------------- on Azurite
-
-
-@pytest.fixture
-async def admin(azurite: Azurite) -> AsyncIterator[BlobServiceClient]:
-    client = BlobServiceClient.from_connection_string(azurite.connection_string())
-    yield client
-    await client.close()
 
 
 @pytest.fixture
@@ -456,14 +450,6 @@ async def test_secrets_are_never_printed(azurite: Azurite, make_volumes, caplog)
 # --------------------------------------------------------------------------------------------- the applier
 
 
-def _state_at(writes: list[tuple[int, int, bytes]], size: int, seq: int) -> bytes:
-    image = bytearray(size)
-    for s, offset, data in writes:
-        if s <= seq:
-            image[offset:offset + len(data)] = data
-    return bytes(image)
-
-
 def _cli(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
     done = subprocess.run([BLOCKFERRY, "--log-level", "WARNING", *args], capture_output=True, text=True, timeout=60)
     if ok:
@@ -549,20 +535,20 @@ async def test_applier_on_azure_killed_mid_group_keeps_seed_journal_and_points_c
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
-        assert read_seed(cfg, "d") == _state_at(writes, size, target)
+        assert read_seed(cfg, "d") == state_at(writes, size, target)
         # No applier runs: the CLI takes the killed applier's lease back and recovers the journal ...
         points = json.loads(_cli("points", "list", "--disk", "d", "--config", str(config), "--json").stdout)
         assert len(points) >= 3 and points[-1]["seq"] == target
         out = tmp_path / "p.img"
         _cli("failover", "--disk", "d", "--point", points[0]["id"], "--out", str(out), "--test", "--config",
              str(config))
-        assert out.read_bytes() == _state_at(writes, size, points[0]["seq"]), "the oldest point is wrong"
+        assert out.read_bytes() == state_at(writes, size, points[0]["seq"]), "the oldest point is wrong"
         # ... and so does a recovery service in this process, which materialises every point
         async with open_recovery(load_config(config)) as recovery:
             assert [p.seq for p in await recovery.points("d")] == [p["seq"] for p in points]
             for point in points:
                 await recovery.failover("d", point["id"], out, test=True)
-                assert out.read_bytes() == _state_at(writes, size, point["seq"]), f"point {point['id']} is wrong"
+                assert out.read_bytes() == state_at(writes, size, point["seq"]), f"point {point['id']} is wrong"
         # every entry in the account is a listed point: none left over from the interrupted groups
         blobs = admin.get_container_client(container)
         entries = [n async for n in blobs.list_blob_names(name_starts_with="dc1/journal/d/")]

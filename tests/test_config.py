@@ -168,7 +168,8 @@ def test_toml_value_rejects_unknown_types():
 def test_docs_configuration_md_is_up_to_date():
     text = DOCS.read_text(encoding="utf-8")
     body = render_markdown()
-    assert body in text, "docs/configuration.md is stale: python -m engine.config_docs --write-docs docs/configuration.md"
+    assert body in text, ("docs/configuration.md is stale: "
+                          "python -m engine.config_docs --write-docs docs/configuration.md")
     assert generated_region(text) == body
     assert splice_docs(text, body) == text
 

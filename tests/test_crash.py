@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from engine.workload import ContentPool, random_writes
-from support import BLOCKFERRY, ServerProcess, agent_for, applied_seq, free_port, wait_applied, write_config
+from support import (BLOCKFERRY, ServerProcess, agent_for, applied_seq, free_port, state_at, wait_applied,
+                     write_config)
 
 MiB = 1024 * 1024
 
@@ -64,14 +65,6 @@ async def test_server_killed_mid_stream_loses_nothing(tmp_path: Path) -> None:
     assert "Traceback" not in (tmp_path / "server.log").read_text()
 
 
-def _state_at(writes: list[tuple[int, int, bytes]], size: int, seq: int) -> bytes:
-    image = bytearray(size)
-    for s, offset, data in writes:
-        if s <= seq:
-            image[offset:offset + len(data)] = data
-    return bytes(image)
-
-
 def _cli(*args: str) -> str:
     done = subprocess.run([BLOCKFERRY, "--log-level", "WARNING", *args], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -85,7 +78,8 @@ async def test_applier_killed_repeatedly_keeps_disk_journal_and_points_consisten
     pruning): the seed disk ends byte-identical and every remaining recovery point is exact."""
     data, port = tmp_path / "data", free_port()
     config = write_config(tmp_path / "bf.toml", _config_text(data, port, applier=False) + (
-        f"prune_interval_s = 0.05\ngroup_max_bytes = \"1MiB\"\n[policy]\nretention_hours = {retention}\ncrash_point_interval_ms = 10\n"))
+        'prune_interval_s = 0.05\ngroup_max_bytes = "1MiB"\n'
+        f"[policy]\nretention_hours = {retention}\ncrash_point_interval_ms = 10\n"))
     server = ServerProcess(config, port, tmp_path / "server.log")
     server.start()
     pool = ContentPool(8 * MiB)
@@ -125,7 +119,7 @@ async def test_applier_killed_repeatedly_keeps_disk_journal_and_points_consisten
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
-        assert (seed_dir / "d.img").read_bytes() == _state_at(writes, size, target)
+        assert (seed_dir / "d.img").read_bytes() == state_at(writes, size, target)
         # No applier runs now: the CLI recovers the journal itself and materialises each point.
         points = json.loads(_cli("points", "list", "--disk", "d", "--config", str(config), "--json"))
         assert points and points[-1]["seq"] == target
@@ -133,7 +127,7 @@ async def test_applier_killed_repeatedly_keeps_disk_journal_and_points_consisten
             out = tmp_path / f"p{point['id']}.img"
             _cli("failover", "--disk", "d", "--point", point["id"], "--out", str(out), "--test", "--config",
                  str(config))
-            assert out.read_bytes() == _state_at(writes, size, point["seq"]), f"point {point['id']} is wrong"
+            assert out.read_bytes() == state_at(writes, size, point["seq"]), f"point {point['id']} is wrong"
         if retention != "72":
             assert len(points) < 20, "a 0.36 s retention should have pruned most points"
     finally:

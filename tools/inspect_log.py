@@ -19,7 +19,8 @@ def _time(us: int) -> str:
     return datetime.datetime.fromtimestamp(us / 1e6, datetime.timezone.utc).isoformat(timespec="microseconds")
 
 
-def describe_blob(data: bytes, keys: KeyRing | None, *, name: str | None = None, max_records: int | None = None) -> BlobReport:
+def describe_blob(data: bytes, keys: KeyRing | None, *, name: str | None = None,
+                  max_records: int | None = None) -> BlobReport:
     """Header always (it is plain text); records only with the key, after authentication."""
     header = BlobHeader.unpack(data, name=name)
     lines = [
