@@ -319,46 +319,11 @@ def status(config_path: Path | None, as_json: bool) -> None:
     """Per disk: applied sequence, lags (RPO), the stage behind, backlog, churn, last point."""
     from engine.monitor import DiskHealth, render_status_table
 
-    config = _config(config_path)
-    healths = [DiskHealth.from_dict(d) for d in _run(_status(config))]  # type: ignore[union-attr]
+    healths = [DiskHealth.from_dict(d) for d in _recovery_call(config_path, lambda r: r.status())]
     if as_json:
         click.echo(json.dumps([h.as_dict() for h in healths], indent=2))
     else:
         Console().print(render_status_table(healths))
-
-
-async def _status(config: Config) -> list[dict[str, object]]:
-    """From the running applier's API, or — when none runs — from the seed directory and cache store."""
-    from engine.applier import ApplierLock, ApplierLocked
-    from engine.monitor import Monitor
-    from engine.recovery.service import RecoveryError, admin_token, running_admin_url
-    from engine.server import build_applier, load_keyring, open_store
-
-    try:
-        url = running_admin_url(config)
-    except RecoveryError as exc:
-        raise click.ClickException(str(exc)) from None
-    if url is not None:
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_token(config)}"}) as session:
-            async with session.get(url + "/api/status") as response:
-                if response.status != 200:
-                    raise click.ClickException(f"applier refused: {response.status} {await response.text()}")
-                return (await response.json())["disks"]  # type: ignore[no-any-return]
-    lock = ApplierLock(config.seed_dir)
-    lock.acquire("blockferry status")
-    store = open_store(config)
-    applier = build_applier(config, store, load_keyring(config, create=False))
-    try:
-        try:
-            await applier.open_existing()  # an Azure seed takes its lease here
-        except ApplierLocked as exc:
-            raise click.ClickException(str(exc)) from None
-        await applier.pending()
-        return [h.as_dict() for h in Monitor(config, None, applier).snapshot()]
-    finally:
-        await applier.close()
-        await store.close()
-        lock.release()
 
 
 # ---------------------------------------------------------------- config and tools

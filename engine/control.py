@@ -37,7 +37,7 @@ class ControlPlane:
         self._task = asyncio.create_task(self.monitor.run(), name="monitor")
         if not self.config.http.enabled:
             return
-        recovery = LocalRecovery(self.applier) if self.applier is not None else None
+        recovery = LocalRecovery(self.applier, self.config) if self.applier is not None else None
         routes = monitoring_routes(self.monitor) + admin_routes(recovery, self.monitor, admin_token(self.config))
         self._runner, self.http_port = await start_http(routes, self.config.http.listen, self.config.http.port)
         if self.lock is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from engine.recovery.service import RecoveryError, RemoteRecovery, open_recovery
+from engine.recovery.service import LocalRecovery, RecoveryError, RemoteRecovery, open_recovery
 from engine.server import ProcessServer
 from support import agent_for, make_config
 
@@ -31,6 +31,8 @@ async def test_recovery_goes_through_the_running_applier(tmp_path: Path) -> None
             assert isinstance(recovery, RemoteRecovery), "a running applier must be used, not a second one"
             points = await recovery.points("api")
             assert [p.seq for p in points] == [1, 2]
+            (status,) = await recovery.status()
+            assert (status["disk"], status["applied_seq"], status["recoverable_lag_s"]) == ("api", 2, 0.0)
             first = await recovery.failover("api", "1", tmp_path / "p1.img", test=True,
                                             progress=lambda done, total: progress.append((done, total)))
             assert first["seq"] == 1 and first["rolled_back_entries"] == 1
@@ -51,3 +53,9 @@ async def test_recovery_goes_through_the_running_applier(tmp_path: Path) -> None
                 assert response.status == 401
             async with session.get(url + "/healthz") as response:
                 assert response.status == 200
+    # with no applier running, the same operations make the command the applier for a moment
+    async with open_recovery(config) as recovery:
+        assert isinstance(recovery, LocalRecovery)
+        (status,) = await recovery.status()
+        assert (status["disk"], status["applied_seq"]) == ("api", 2)
+        assert await recovery.points("api") == [], "the committed failover released the points"

@@ -65,7 +65,7 @@ async def test_failover_to_app_point_and_latest_while_writing(tmp_path: Path, se
     writes = random_writes(ContentPool(4 * MiB), SIZE, max_size=256 * 1024, seed=3)
     recorder = Recorder()
     async with ProcessServer(config) as server, agent_for(data, server.connect_info.port) as agent:
-        recovery = LocalRecovery(server.applier)
+        recovery = LocalRecovery(server.applier, server.config)
         disk = await agent.open_disk("vm1", SIZE)
         await write_some(disk, recorder, writes, 150)
         app_seq = disk.next_seq
@@ -128,7 +128,7 @@ async def test_failover_commit_stops_replication(tmp_path: Path, seed) -> None:
     writes = random_writes(ContentPool(2 * MiB), SIZE, max_size=64 * 1024, seed=4)
     recorder = Recorder()
     async with ProcessServer(config) as server:
-        recovery = LocalRecovery(server.applier)
+        recovery = LocalRecovery(server.applier, server.config)
         async with agent_for(data, server.connect_info.port) as agent:
             disk = await agent.open_disk("vm2", SIZE)
             await write_some(disk, recorder, writes, 100)
@@ -158,7 +158,7 @@ async def test_unknown_point_and_disk_are_clear_errors(tmp_path: Path, seed) -> 
 
 
 async def _unknown_point_and_disk_are_clear_errors(server: ProcessServer, tmp_path: Path) -> None:
-    recovery = LocalRecovery(server.applier)
+    recovery = LocalRecovery(server.applier, server.config)
     with pytest.raises(RecoveryError, match="no seed disk"):
         await recovery.failover("nope", "latest", tmp_path / "x.img", test=True)
     async with agent_for(server.config.server.data_dir, server.connect_info.port) as agent:
@@ -180,7 +180,7 @@ async def test_cost_is_a_copy_plus_the_changes_since_the_point(tmp_path: Path) -
     recorder = Recorder()
     writes = random_writes(ContentPool(2 * MiB), SIZE, max_size=64 * 1024, seed=5)
     async with ProcessServer(config) as server, agent_for(data, server.connect_info.port) as agent:
-        recovery = LocalRecovery(server.applier)
+        recovery = LocalRecovery(server.applier, server.config)
         disk = await agent.open_disk("cost", SIZE)
         for _ in range(12):  # twelve apply groups, one point each
             await write_some(disk, recorder, writes, 3)
@@ -207,7 +207,7 @@ async def test_failover_does_not_pause_the_applier_and_repairs_a_torn_copy(tmp_p
     recorder_size = size
     writes = random_writes(ContentPool(4 * MiB), size, max_size=256 * 1024, seed=6)
     async with ProcessServer(config) as server, agent_for(data, server.connect_info.port) as agent:
-        recovery = LocalRecovery(server.applier)
+        recovery = LocalRecovery(server.applier, server.config)
         disk = await agent.open_disk("torn", size)
         await write_some(disk, recorder, writes, 200)
         await agent.flush()

@@ -39,12 +39,23 @@ class Recovery(Protocol):
 
     async def commit(self, disk: str) -> int: ...
 
+    async def status(self) -> list[dict[str, object]]:
+        """Per-disk health (engine.monitor.DiskHealth.as_dict)."""
+
 
 class LocalRecovery:
     """Operations on an applier in this process."""
 
-    def __init__(self, applier: Applier) -> None:
+    def __init__(self, applier: Applier, config: Config) -> None:
         self.applier = applier
+        self.config = config
+
+    async def status(self) -> list[dict[str, object]]:
+        from engine.monitor import Monitor  # the monitor module imports the applier's neighbours
+
+        await self.applier.open_existing()  # an Azure seed takes its lease here
+        await self.applier.pending()  # what waits in the cache store, for the apply lag
+        return [h.as_dict() for h in Monitor(self.config, None, self.applier).snapshot()]
 
     async def points(self, disk: str) -> list[Point]:
         if disk not in self.applier.disks and disk not in await self.applier.known_disks():
@@ -122,6 +133,9 @@ class RemoteRecovery:
         answer = await self._one("POST", "/api/failover/commit", json={"disk": disk})
         return int(answer["released"])  # type: ignore[call-overload]
 
+    async def status(self) -> list[dict[str, object]]:
+        return (await self._one("GET", "/api/status"))["disks"]  # type: ignore[return-value]
+
 
 def running_admin_url(config: Config) -> str | None:
     """The admin URL the running applier advertised in its lock file, if one runs."""
@@ -148,7 +162,7 @@ async def open_recovery(config: Config) -> AsyncIterator[Recovery]:
     store = open_store(config)
     applier = build_applier(config, store, load_keyring(config, create=False))
     try:
-        yield LocalRecovery(applier)
+        yield LocalRecovery(applier, config)
     finally:
         await applier.close()
         await store.close()
