@@ -123,14 +123,11 @@ class AgentConnection(asyncio.Protocol):
     # ------------------------------------------------------------ frames
 
     def _handle(self, frame: Frame) -> None:
-        if isinstance(frame, Write):
+        if isinstance(frame, (Write, Tag)):
             stream = self.streams[frame.handle]
-            if not self.ctx.pipeline.accept_write(stream, frame) and frame.seq <= stream.durable_seq:
+            accept = self.ctx.pipeline.accept_write if isinstance(frame, Write) else self.ctx.pipeline.accept_tag
+            if not accept(stream, frame) and frame.seq <= stream.durable_seq:  # type: ignore[arg-type]
                 self._queue_ack(frame.handle, stream.durable_seq)  # a resend of something durable
-        elif isinstance(frame, Tag):
-            stream = self.streams[frame.handle]
-            if not self.ctx.pipeline.accept_tag(stream, frame) and frame.seq <= stream.durable_seq:
-                self._queue_ack(frame.handle, stream.durable_seq)
         elif isinstance(frame, OpenDisk):
             self._open(frame)
         elif isinstance(frame, Hello):

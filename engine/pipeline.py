@@ -1,8 +1,10 @@
 """The process server's data path, without sockets: batch → seal → spool → upload.
 
 Modelled on aiokafka's message accumulator: per-disk batches; a batch is cut at
-``batch.max_bytes``, after ``batch.linger_ms`` or at a tag; sealing (lz4 then
-AES-256-GCM) and the spool fsync run in a thread pool; acknowledgements follow
+``batch.max_bytes``, after ``batch.linger_ms`` (deferred while the disk's previous
+seal is in flight: group commit) or at a tag; sealing (lz4 then AES-256-GCM) runs
+on a pool sized to the cores, spool writes and fsyncs on their own pool; uploads
+leave in groups; acknowledgements follow
 durability strictly in sequence order per disk. Memory is bounded by
 ``pipeline.max_inflight_bytes`` and the spool by ``spool.max_bytes``: when
 either is reached the pipeline asks its flow listeners (agent connections) to
