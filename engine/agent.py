@@ -74,6 +74,7 @@ class AgentDisk:
         self.block_size = block_size
         self.next_seq = 0  # set from the first DISK_OPENED
         self.acked_seq = 0
+        self.resumed_seq = 0  # what the server said it holds at the last (re)connect
         self.sent_bytes = 0
         self.acked_bytes = 0
         self._unacked: deque[_Unacked] = deque()
@@ -145,6 +146,7 @@ class AgentDisk:
 
     def _resumed(self, resume_seq: int) -> None:
         """The server holds everything up to ``resume_seq``: drop that, resend the rest."""
+        self.resumed_seq = resume_seq
         if self.next_seq == 0:
             self.next_seq = resume_seq + 1
             self.acked_seq = resume_seq

@@ -75,6 +75,11 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert "| max | closed |" in text and "borg**: no figure" in text
     rows = compare(result, result)
     assert rows and all(row["change"] in (0.0, None) for row in rows)
+    faster = json.loads(json.dumps(result, default=str))
+    faster["phases"]["max"]["acked_mbps"] = 2 * r["acked_mbps"]
+    changed = [row for row in compare(result, faster) if row["change"]]
+    assert [(row["metric"], row["change"], row["better"]) for row in changed if "acked" in row["metric"]] == [
+        ("max: acked MB/s", 1.0, True)], changed
 
 
 def test_histogram_and_seqlog() -> None:

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from protocol.journal import EntryName
 
 
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
 class PointNotFound(LookupError):
     """The requested recovery point does not exist or is no longer retained."""
 
@@ -34,7 +37,7 @@ class Point:
 
     @property
     def source_time(self) -> datetime.datetime:
-        return datetime.datetime.fromtimestamp(self.source_us / 1e6, datetime.timezone.utc)
+        return _EPOCH + datetime.timedelta(microseconds=self.source_us)  # exact: no float rounding
 
     def as_dict(self) -> dict[str, object]:
         return {"id": self.id, "disk": self.disk, "seq": self.seq, "kind": self.kind,
@@ -72,7 +75,7 @@ def select_point(points: list[Point], spec: str, *, latest_seq: int) -> int:
             from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.timezone.utc)
-    limit = int(moment.timestamp() * 1e6)
+    limit = (moment - _EPOCH) // datetime.timedelta(microseconds=1)
     candidates = [p for p in points if p.source_us <= limit]
     if not candidates:
         raise PointNotFound(f"no retained point at or before {moment.isoformat()}")
