@@ -154,10 +154,6 @@ class SeqLog:
         intended = self.times[i]
         return t - intended if intended <= t else 0.0
 
-    def seq_at(self, t: float) -> int:
-        """Last sequence meant to be sent by ``t``."""
-        return self.first_seq + bisect_right(self.times, t) - 1
-
 
 def rate_between(points: Sequence[tuple[float, float]], t0: float, t1: float) -> float:
     """Average rate of a cumulative counter between t0 and t1, from (t, value) samples (interpolated)."""
@@ -177,16 +173,6 @@ def interpolate(points: Sequence[tuple[float, float]], t: float) -> float:
         return points[-1][1]
     (ta, va), (tb, vb) = points[i - 1], points[i]
     return va + (vb - va) * (t - ta) / (tb - ta) if tb > ta else vb
-
-
-def derivative(points: Sequence[tuple[float, float]], step: float, t0: float, t1: float) -> list[tuple[float, float]]:
-    """Rate of a cumulative counter on a regular grid of ``step`` seconds (for plots)."""
-    out = []
-    t = t0
-    while t + step <= t1 + 1e-9:
-        out.append((t + step - t0, rate_between(points, t, t + step)))
-        t += step
-    return out
 
 
 def summarize(values: Iterable[float]) -> dict[str, float]:

@@ -16,7 +16,6 @@ Phases (``--phases``):
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -303,6 +302,3 @@ def targets(result: dict) -> list[dict]:
     add("server RSS at max throughput (default config)", rss_max / MiB if rss_max else None, 512.0, False, "MiB")
     return out
 
-
-def write_json(result: dict, path: Path) -> None:
-    path.write_text(json.dumps(result, indent=1, default=str) + "\n")

@@ -51,24 +51,22 @@ def admin_routes(recovery: LocalRecovery | None, monitor: Monitor, token: str) -
         def progress(done: int, total: int) -> None:  # called from a worker thread
             loop.call_soon_threadsafe(queue.put_nowait, {"progress": [done, total]})
 
-        async def run() -> dict[str, object]:
+        async def run() -> None:  # its last message (result or error) ends the stream
             try:
-                return {"result": await recovery.failover(str(body["disk"]), str(body["point"]),
-                                                          Path(str(body["out"])), test=bool(body.get("test")),
-                                                          progress=progress)}
+                queue.put_nowait({"result": await recovery.failover(
+                    str(body["disk"]), str(body["point"]), Path(str(body["out"])), test=bool(body.get("test")),
+                    progress=progress)})
             except (RecoveryError, KeyError, OSError) as exc:
-                return {"error": str(exc)}
+                queue.put_nowait({"error": str(exc)})
 
         loop = asyncio.get_running_loop()
         task = asyncio.create_task(run())
-        while not task.done() or not queue.empty():
-            getter = asyncio.create_task(queue.get())
-            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                await response.write(json.dumps(getter.result()).encode() + b"\n")
-            else:
-                getter.cancel()
-        await response.write(json.dumps(task.result()).encode() + b"\n")
+        while True:
+            message = await queue.get()
+            await response.write(json.dumps(message).encode() + b"\n")
+            if "progress" not in message:
+                break
+        await task
         await response.write_eof()
         return response
 

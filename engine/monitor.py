@@ -183,10 +183,13 @@ class _Rate:
         return max(0.0, (v1 - v0) / (t1 - t0)) if t1 > t0 else 0.0
 
 
+WEBHOOK_BACKLOG = 100  # alert events waiting for the webhook before new ones are dropped (and logged)
+
+
 class Monitor:
     def __init__(self, config: Config, pipeline: Pipeline | None, applier: Applier | None, *,
                  interval_s: float = 1.0, churn_window_s: float = 10.0, upload_failing_s: float = 60.0,
-                 clear_ratio: float = 0.8, webhook_queue: int = 100) -> None:
+                 clear_ratio: float = 0.8) -> None:
         self.config = config
         self.pipeline = pipeline
         self.applier = applier
@@ -195,14 +198,13 @@ class Monitor:
         self.upload_failing_s = upload_failing_s
         self.clear_ratio = clear_ratio
         self.alerting: dict[str, dict[str, Any]] = {}  # disk → its rpo_exceeded event, while it lasts
-        self.events_emitted = 0
         self.webhook_failures = 0
         self._rates: dict[str, _Rate] = {}
         stats = pipeline.stats if pipeline is not None else None
         self._last_stored = stats.stored_bytes if stats else 0
         self._last_upload_errors = stats.upload_errors if stats else 0
         self._upload_failing_since: float | None = None  # monotonic
-        self._webhook: asyncio.Queue[dict[str, Any]] = asyncio.Queue(webhook_queue)
+        self._webhook: asyncio.Queue[dict[str, Any]] = asyncio.Queue(WEBHOOK_BACKLOG)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(MonitorCollector(self))
 
@@ -317,10 +319,10 @@ class Monitor:
 
     # ------------------------------------------------------------ alerts
 
-    def evaluate(self, healths: Iterable[DiskHealth] | None = None) -> list[dict[str, Any]]:
+    def evaluate(self) -> list[dict[str, Any]]:
         """One alert pass: the events to emit now (each disk changes state at most once per pass)."""
         events: list[dict[str, Any]] = []
-        for h in self.snapshot() if healths is None else healths:
+        for h in self.snapshot():
             active = h.disk in self.alerting
             if not active and h.recoverable_lag_s > h.rpo_threshold_s:
                 event = self._event("rpo_exceeded", h)
@@ -340,7 +342,6 @@ class Monitor:
     def emit(self, event: dict[str, Any]) -> None:
         level = logging.WARNING if event["event"] == "rpo_exceeded" else logging.INFO
         alerts_log.log(level, json.dumps(event), extra={"alert": event})
-        self.events_emitted += 1
         if self.config.alerts.webhook_url:
             try:
                 self._webhook.put_nowait(event)
