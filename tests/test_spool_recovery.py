@@ -61,3 +61,22 @@ async def test_uploaded_blobs_left_in_the_spool_are_not_uploaded_again(tmp_path:
         assert await store.list_blobs() == [blob_name("d", 3, 4)]
     finally:
         await pipeline.close()
+
+
+async def test_a_damaged_spool_file_is_kept_aside_not_uploaded(tmp_path: Path) -> None:
+    config = make_config(tmp_path / "data")
+    spool = Spool(config.spool_dir, 1 << 30)
+    spool_blob(spool, 1, 2)
+    damaged = spool_blob(spool, 3, 4)
+    damaged.write_bytes(b"not a blob" + damaged.read_bytes()[10:])  # bad magic
+    store = LocalStore(config.store_dir)
+    pipeline = Pipeline(config, Sealer(KEY), Spool(config.spool_dir, 1 << 30), store,
+                        UploadWatermarks(config.state_dir / "uploaded.json"))
+    await pipeline.start([DiskInfo("d", "agent-1", 1 << 20, 4096)])
+    try:
+        assert pipeline.streams["d"].durable_seq == 2
+        assert not damaged.exists() and damaged.with_name(damaged.name + ".bad").exists()
+        await pipeline.drain()
+        assert await store.list_blobs() == [blob_name("d", 1, 2)]
+    finally:
+        await pipeline.close()
