@@ -19,6 +19,7 @@ import pytest
 
 from protocol import TagKind
 from protocol.logblob import BlobHeader, Sealer, blob_name, key_id_of, tag_record, write_record_header
+from support import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,12 +32,6 @@ BLOCKFERRY = shutil.which("blockferry", path=str(Path(sys.executable).parent)) o
 def run(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([BLOCKFERRY, *map(str, args)], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "COLUMNS": "200"})
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):

@@ -14,7 +14,7 @@ from engine.recovery.service import LocalRecovery, RecoveryError
 from engine.server import ProcessServer
 from engine.workload import ContentPool, random_writes
 from protocol import TagKind
-from support import SEED_BACKENDS, agent_for, backend_sections, delete_containers, make_config, read_seed
+from support import SEED_BACKENDS, agent_for, backend_sections, delete_containers, make_config, read_seed, state_at
 
 MiB = 1024 * 1024
 SIZE = 8 * MiB
@@ -23,15 +23,12 @@ SIZE = 8 * MiB
 class Recorder:
     """The source disk as a log of (seq, offset, data): its state at any sequence can be rebuilt."""
 
-    def __init__(self) -> None:
+    def __init__(self, size: int = SIZE) -> None:
+        self.size = size
         self.writes: list[tuple[int, int, bytes]] = []
 
     def state_at(self, seq: int) -> bytes:
-        image = bytearray(SIZE)
-        for s, offset, data in self.writes:
-            if s <= seq:
-                image[offset:offset + len(data)] = data
-        return bytes(image)
+        return state_at(self.writes, self.size, seq)
 
 
 async def write_some(disk, recorder: Recorder, writes, count: int) -> None:
@@ -203,8 +200,7 @@ async def test_failover_does_not_pause_the_applier_and_repairs_a_torn_copy(tmp_p
     data = tmp_path / "data"
     config = make_config(data, policy={"crash_point_interval_ms": 5})
     size = 32 * MiB
-    recorder = Recorder()
-    recorder_size = size
+    recorder = Recorder(size)
     writes = random_writes(ContentPool(4 * MiB), size, max_size=256 * 1024, seed=6)
     async with ProcessServer(config) as server, agent_for(data, server.connect_info.port) as agent:
         recovery = LocalRecovery(server.applier, server.config)
@@ -233,9 +229,4 @@ async def test_failover_does_not_pause_the_applier_and_repairs_a_torn_copy(tmp_p
             await writer
         assert applied_during[-1] > applied_during[0], "the applier kept applying while the copy ran"
         assert result["rolled_back_entries"] > 0, "groups applied during the copy were rolled back"
-        image = (tmp_path / "torn.img").read_bytes()
-        expected = bytearray(recorder_size)
-        for seq, offset, payload in recorder.writes:
-            if seq <= result["seq"]:
-                expected[offset:offset + len(payload)] = payload
-        assert image == bytes(expected)
+        assert (tmp_path / "torn.img").read_bytes() == recorder.state_at(result["seq"])
