@@ -39,6 +39,7 @@ from pathlib import Path
 from bench.profiles import BurstClock, DiskWorkload, Profile, disk_seed
 from bench.serverproc import AgentCreds, raise_nofile
 from bench.stats import LogHistogram, SeqLog
+from engine.aio import run_loop
 
 MiB = 1024 * 1024
 
@@ -84,12 +85,7 @@ def disk_seeds(plans: list[AgentPlan]) -> list[int]:
 def worker_main(spec: WorkerSpec, out_q: mp.Queue, ctl_q: mp.Queue) -> None:
     raise_nofile()
     try:
-        try:
-            import uvloop
-
-            uvloop.run(_Worker(spec, out_q, ctl_q).run())
-        except ImportError:
-            asyncio.run(_Worker(spec, out_q, ctl_q).run())
+        run_loop(_Worker(spec, out_q, ctl_q).run())
     except BaseException:  # noqa: BLE001 - report anything to the parent, then die
         out_q.put(("error", spec.worker, traceback.format_exc()))
 

@@ -337,6 +337,7 @@ def _figures(spec: PhaseSpec, gen: LoadGenerator, results: list[dict], probe: Pr
         "server_cpu_s_per_gb": cpu_window / window_gb if window_gb else 0.0,
         "server_cpu_s_total": total_cpu,
         "server_peak_rss": probe.peak_hwm,
+        "applier_process_peak_rss": probe.peak_child_hwm,
         "server_rss_end": end_sample.rss if end_sample else 0,
         "latency": hist.summary_ms(),
         "latency_all": hist_all.summary_ms(),

@@ -11,6 +11,12 @@ MiB = 1024 * 1024
 MAIN_PHASES = ("max", "open50", "open90")
 
 
+def _rss(phase: dict) -> str:
+    """Peak RSS of serve's processes, and the applier process's part of it when it has one."""
+    child = phase.get("applier_process_peak_rss") or 0
+    return f"{phase['server_peak_rss'] / MiB:.0f}" + (f" ({child / MiB:.0f})" if child else "")
+
+
 def _f(value: object, fmt: str = ".1f", none: str = "—") -> str:
     if value is None:
         return none
@@ -114,14 +120,15 @@ def markdown(result: dict, plots: dict[str, str] | None = None) -> str:
                 f"| {name} | {p['mode']} | {_f(p.get('offered_mbps'), '.0f')} | {p['acked_mbps']:.1f} | "
                 f"{p['stored_mbps']:.1f} | {p['applied_mbps']:.1f} | {p['compression_ratio']:.2f} | "
                 f"{p['server_cpu_s_per_gb']:.2f} | {p['server_cpu_util']:.2f} cores | "
-                f"{p['server_peak_rss'] / MiB:.0f} | "
+                f"{_rss(p)} | "
                 f"{lat['p50_ms']:.1f} / {lat['p99_ms']:.1f} / {lat['p999_ms']:.1f} | "
                 f"{lag['p50']:.2f} / {lag['p99']:.2f} | "
                 + ("not waited |" if p.get("wait_for") == "acked" else f"{_f(p.get('caught_up_s'), '.1f')} s |"))
         lines.append("")
         lines.append("acked = acknowledged (durable in the spool); stored = in the cache store (upload watermark); "
                      "applied = on the seed disk; all payload MB/s (10^6 B/s) over the measurement window after "
-                     "warm-up. Latency: open loop from the intended send time; closed loop from the call to "
+                     "warm-up. Server CPU and RSS: all of serve's processes (server + applier; the applier "
+                     "process's part in brackets). Latency: open loop from the intended send time; closed loop from the call to "
                      "`write` (so it includes the agent's own window). Lag: age of the oldest write not yet "
                      "applied, per disk, sampled through the window.")
         lines.append("")

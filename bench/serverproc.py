@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.auth import token_hash
-from engine.config import Config, parse_config
+from engine.config import ApplierConfig, Config, parse_config
 from protocol import LogBlobError
 from protocol.logblob import BLOB_SUFFIX, GCM_TAG_SIZE, HEADER_FIXED, BlobHeader
 
@@ -114,6 +114,8 @@ class BenchServer:
         if "http" in Config.model_fields and "port" not in self.overrides.get("http", {}):
             self.metrics_port = free_port()
             self.sections["http"] = {"port": self.metrics_port}
+        if "http_port" in ApplierConfig.model_fields:  # the applier process's endpoint: any free port
+            self.sections["applier"] = {"http_port": 0}
         for section, values in self.overrides.items():
             self.sections.setdefault(section, {}).update(values)
         self.config: Config = parse_config(json.loads(json.dumps(self.sections)), "bench")
@@ -201,6 +203,21 @@ def proc_cpu_seconds(pid: int) -> float:
         raw = handle.read()
     fields = raw[raw.rindex(b")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (serve's applier process), from /proc/<pid>/task/*/children."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children", "rb") as handle:
+                    todo += [int(child) for child in handle.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited between the listing and the read
+    return tree
 
 
 def proc_memory(pid: int) -> tuple[int, int]:
@@ -349,7 +366,8 @@ class Probe:
         self._seen: set[str] = set()
         self._stored = self._raw = 0
         self._threads: list[threading.Thread] = []
-        self.peak_hwm = 0
+        self.peak_hwm = 0  # sum of VmHWM over serve's processes: an upper bound of their peak together
+        self.peak_child_hwm = 0  # the applier process's part
         self._last_scrape = 0.0
         if self.scrape_interval <= 0:
             self._last_scrape = float("inf")
@@ -390,10 +408,18 @@ class Probe:
     # -- what the probe reads
 
     def _sample(self) -> ProbeSample:
+        # the whole of serve: the server process and the applier process it runs by default
         pid = self.server.pid
-        cpu = proc_cpu_seconds(pid)
-        rss, hwm = proc_memory(pid)
+        cpu, rss, hwm, child_hwm = proc_cpu_seconds(pid), *proc_memory(pid), 0
+        for child in process_tree(pid)[1:]:
+            try:
+                cpu += proc_cpu_seconds(child)
+                child_rss, one_hwm = proc_memory(child)
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            rss, hwm, child_hwm = rss + child_rss, hwm + one_hwm, child_hwm + one_hwm
         self.peak_hwm = max(self.peak_hwm, hwm)
+        self.peak_child_hwm = max(self.peak_child_hwm, child_hwm)
         applied_seq: dict[str, int] = {}
         applied_bytes = 0
         for disk in self.disks:

@@ -90,6 +90,7 @@ class Applier:
         self.failures: dict[str, ApplyFailure] = {}
         self.disks: dict[str, DiskState] = {}
         self.applied_listeners: list[Callable[[str, int], None]] = []
+        self.failure_listeners: list[Callable[[ApplyFailure], None]] = []
         self.stats = ApplierStats()
         self.first_seen: dict[str, dict[str, int]] = {}  # disk → pending blob → when this applier first saw it
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="apply")
@@ -100,6 +101,7 @@ class Applier:
         self._slots = asyncio.Semaphore(APPLY_SLOTS)
         self._opening: dict[str, asyncio.Lock] = {}
         self._stopping = False
+        self._next_due = float("inf")  # monotonic time the earliest disk held back by its point interval is due
 
     # ------------------------------------------------------------ state
 
@@ -168,6 +170,7 @@ class Applier:
         last_prune = 0.0
         while not self._stopping:
             self._wake.clear()
+            self._next_due = float("inf")
             try:
                 await self.apply_available()
                 if time.monotonic() - last_prune >= self.prune_interval_s:
@@ -175,8 +178,10 @@ class Applier:
                     last_prune = time.monotonic()
             except StoreError as exc:
                 log.warning("applier: cache store unavailable (%s); retrying", exc)
+            # a disk held back by its point interval is due before the next poll: no wake-up will say so
+            wait_s = min(self.poll_s, max(0.0, self._next_due - time.monotonic()))
             try:  # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation (gh-86296)
-                async with asyncio.timeout(self.poll_s):
+                async with asyncio.timeout(wait_s):
                     await self._wake.wait()
             except TimeoutError:
                 pass
@@ -234,6 +239,7 @@ class Applier:
             return 0
         interval = self.policy_for(disk).crash_point_interval_ms / 1000
         if not force and time.monotonic() - d.last_group < interval:
+            self._next_due = min(self._next_due, d.last_group + interval)
             return 0
         applied = 0
         prefetch = _Prefetch(self, disk)
@@ -254,6 +260,8 @@ class Applier:
                         applied += len(group)
                     if failure is not None:
                         self.failures[disk] = ApplyFailure(disk, failure.name or "?", failure.reason)
+                        for listener in self.failure_listeners:
+                            listener(self.failures[disk])
                         self.stats.failed_blobs += 1
                         log.error("applier: disk %r blob %s not applied: %s; the disk is stopped until this is "
                                   "resolved", disk, failure.name, failure.reason)

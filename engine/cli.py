@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import shutil
 import signal
 import sys
@@ -20,6 +19,7 @@ from rich.console import Console
 from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 from rich.table import Table
 
+from engine.aio import run_loop
 from engine.config import Config, ConfigError, load_config
 from engine.keys import KeyFileError, KeyRing, load_key
 
@@ -29,16 +29,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 console = Console(stderr=True)
-
-
-def _run(coro: object) -> object:
-    """Run on uvloop when it is installed (it is the faster loop for TLS ingest)."""
-    try:
-        import uvloop
-
-        return uvloop.run(coro)  # type: ignore[arg-type]
-    except ImportError:
-        return asyncio.run(coro)  # type: ignore[arg-type]
 
 
 async def _until_signalled(watch: asyncio.Task[None] | None = None) -> None:
@@ -104,51 +94,33 @@ def serve(config_path: Path | None) -> None:
         finally:
             await server.close()
 
-    _run(run())
+    run_loop(run())
 
 
 @main.command()
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config file.")
 def apply(config_path: Path | None) -> None:
     """Run the applier alone: cache store → seed disks."""
-    from engine.applier import ApplierLock, ApplierLocked
-    from engine.server import build_applier, load_keyring, open_store
+    from engine.applier import ApplierLocked
+    from engine.applier_service import ApplierService
 
     config = _config(config_path)
 
     async def run() -> None:
-        lock = ApplierLock(config.seed_dir)
+        service = ApplierService(config, "blockferry apply")
         try:
-            keys = load_keyring(config, create=False)
-            lock.acquire(f"pid {os.getpid()} (blockferry apply)")
+            await service.start()
         except (KeyFileError, ApplierLocked) as exc:
             raise click.ClickException(str(exc)) from None
-        from engine.control import ControlPlane
-
-        store = open_store(config)
-        try:
-            applier = build_applier(config, store, keys)
-            await applier.open_existing()  # an Azure seed takes its lease here
-        except ApplierLocked as exc:
-            lock.release()
-            raise click.ClickException(str(exc)) from None
-        control = ControlPlane(config, None, applier, lock, "blockferry apply")
-        await control.start()
+        port = service.control.http_port if service.control else None
         console.print(f"applier: {config.store_dir} → {config.seed_dir}"
-                      + (f"; metrics on http://{config.http.listen}:{control.http_port}/metrics"
-                         if control.http_port else ""))
-        runner = asyncio.create_task(applier.run())
+                      + (f"; metrics on http://{config.http.listen}:{port}/metrics" if port else ""))
         try:
-            await _until_signalled(runner)
+            await _until_signalled(service.runner)
         finally:
-            applier.stop()
-            await runner
-            await control.close()
-            await applier.close()
-            await store.close()
-            lock.release()
+            await service.close()
 
-    _run(run())
+    run_loop(run())
 
 
 # ---------------------------------------------------------------- agent side
@@ -214,7 +186,7 @@ def replicate(path: Path, disk_id: str, server: str, token_file: Path, cafile: P
             await client.close()
 
     try:
-        _run(run())
+        run_loop(run())
     except KeyboardInterrupt:
         pass
 
@@ -248,7 +220,7 @@ def _recovery_call(config_path: Path | None, operation: Callable[[Recovery], Awa
             return await operation(recovery)
 
     try:
-        return _run(run())  # type: ignore[return-value]
+        return run_loop(run())  # type: ignore[return-value]
     except (RecoveryError, ApplierLocked, KeyFileError, aiohttp.ClientError) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -387,5 +359,5 @@ def demo(seconds: float, disk_size: str, disks: int, data_dir: Path) -> None:
     size = int(TypeAdapter(ByteSize).validate_python(disk_size))
     if data_dir.exists():
         shutil.rmtree(data_dir)
-    result = _run(run_demo(data_dir, seconds=seconds, disk_size=size, disks=disks, console=Console()))
+    result = run_loop(run_demo(data_dir, seconds=seconds, disk_size=size, disks=disks, console=Console()))
     sys.exit(0 if result.ok else 1)  # type: ignore[union-attr]

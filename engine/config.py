@@ -247,7 +247,14 @@ class SeedAzureConfig(_BlobLocation):
 
 
 class ApplierConfig(_Section):
-    enabled: bool = Field(True, description="Run the applier inside `blockferry serve` (embedded default).")
+    enabled: bool = Field(True, description="Run the applier from `blockferry serve` (embedded default); false "
+                                            "when `blockferry apply` runs it elsewhere.")
+    process: bool = Field(True, description="Run serve's applier as its own child process (own core, own GIL: "
+                                            "ingest and apply do not slow each other; restarted if it dies); "
+                                            "false runs it on the server's event loop.")
+    http_port: int = Field(9465, ge=0, le=65535, description="Port of the applier process's /metrics, /healthz "
+                                                             "and /api (recovery commands find it by "
+                                                             "themselves); 0 picks a free port.")
     volume: Literal["local", "azure"] = Field("local", description="Where seed disks, applier state and the undo "
                                                                    "journal live: 'local' (sparse files in seed_dir) "
                                                                    "or 'azure' (page blobs, see [applier.azure]).")

@@ -76,8 +76,7 @@ def _progress_table(server: ProcessServer, agent: Agent, started: float) -> Tabl
     for column in ("disk", "acked seq", "applied seq", "acked MB", "ack MB/s"):
         table.add_column(column, justify="right")
     for name, disk in agent.disks.items():
-        applied = server.applier.applied_seq(name) if server.applier else 0
-        table.add_row(name, str(disk.acked_seq), str(applied), f"{disk.acked_bytes / MB:8.1f}",
+        table.add_row(name, str(disk.acked_seq), str(server.applied_seq(name)), f"{disk.acked_bytes / MB:8.1f}",
                       f"{disk.acked_bytes / MB / elapsed:7.1f}")
     ratio = stats.received_bytes / stats.sealed_bytes if stats.sealed_bytes else 0
     table.caption = (f"total acked {acked / MB:.0f} MB at {acked / MB / elapsed:.0f} MB/s · "
@@ -89,7 +88,8 @@ def _progress_table(server: ProcessServer, agent: Agent, started: float) -> Tabl
 async def run_demo(data_dir: Path, *, seconds: float = 20.0, disk_size: int = 256 * 1024 * 1024, disks: int = 2,
                    console: Console | None = None) -> DemoResult:
     console = console or Console()
-    config = Config.model_validate({"server": {"data_dir": str(data_dir), "port": 0}, "http": {"port": 0}})
+    config = Config.model_validate({"server": {"data_dir": str(data_dir), "port": 0}, "http": {"port": 0},
+                                    "applier": {"http_port": 0}})
     pool = ContentPool()
     async with ProcessServer(config) as server:
         info = server.connect_info
@@ -123,7 +123,7 @@ async def run_demo(data_dir: Path, *, seconds: float = 20.0, disk_size: int = 25
             catch_up = time.monotonic()
             await server.drain()
             catch_up_seconds = time.monotonic() - catch_up
-            assert server.pipeline is not None and server.applier is not None
+            assert server.pipeline is not None
             stats = server.pipeline.stats
             result = DemoResult(churn_seconds, sum(d.acked_bytes for d in agent.disks.values()),
                                 stats.received_bytes, stats.sealed_bytes, catch_up_seconds)
@@ -131,7 +131,7 @@ async def run_demo(data_dir: Path, *, seconds: float = 20.0, disk_size: int = 25
                 seed = await asyncio.to_thread((config.seed_dir / f"{name}.img").read_bytes)
                 result.disks.append(DiskResult(name, hashlib.sha256(source).hexdigest(),
                                                hashlib.sha256(seed).hexdigest(), agent.disks[name].acked_seq,
-                                               server.applier.applied_seq(name)))
+                                               server.applied_seq(name)))
     _print_summary(console, result)
     return result
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.applier import Applier, ApplierLock
+from engine.applier_process import ApplierProcess
 from engine.auth import AgentRegistry, ensure_default_agent
 from engine.config import Config
 from engine.control import ControlPlane
@@ -76,9 +77,14 @@ def build_applier(config: Config, store: CacheStore, keys: KeyRing) -> Applier:
 
 class ProcessServer:
     def __init__(self, config: Config, *, run_applier: bool | None = None, control_plane: bool = True) -> None:
-        """``control_plane=False`` leaves monitoring, alerts and HTTP to an embedding program."""
+        """``control_plane=False`` leaves monitoring, alerts and HTTP to an embedding program.
+
+        The applier runs as its own process by default (``applier.process``): then ``applier`` is None and
+        ``applier_process`` reports what it applied; with ``applier.process = false`` it runs on this loop.
+        """
         self.config = config
         self.run_applier = config.applier.enabled if run_applier is None else run_applier
+        self.applier_process: ApplierProcess | None = None
         self.run_control_plane = control_plane
         self.pipeline: Pipeline | None = None
         self.applier: Applier | None = None
@@ -120,7 +126,11 @@ class ProcessServer:
         watermarks = UploadWatermarks(cfg.state_dir / "uploaded.json")
         self.pipeline = Pipeline(cfg, Sealer(keys.current), spool, self.store, watermarks)
         await self.pipeline.start(list(disks))
-        if self.run_applier:
+        if self.run_applier and cfg.applier.process:
+            self.applier_process = ApplierProcess(cfg)
+            await self.applier_process.start()
+            self.pipeline.stored_listeners.append(self.applier_process.notify)
+        elif self.run_applier:
             self._applier_lock = ApplierLock(cfg.seed_dir)
             self._applier_lock.acquire(f"pid {os.getpid()} (blockferry serve)")
             self.applier = build_applier(cfg, self.store, keys)
@@ -166,10 +176,23 @@ class ProcessServer:
                 else:
                     conn.heartbeat()
 
+    def applied_seq(self, disk: str) -> int:
+        """The disk's applied sequence as this server's applier (in-process or child) last reported it."""
+        if self.applier is not None:
+            return self.applier.applied_seq(disk)
+        if self.applier_process is not None:
+            return self.applier_process.applied.get(disk, 0)
+        return 0
+
     async def drain(self) -> None:
         """Wait until everything accepted is durable and uploaded (and applied, if embedded)."""
         assert self.pipeline is not None
         await self.pipeline.drain()
+        if self.applier_process is not None:
+            process = self.applier_process
+            while not all(self.applied_seq(d) >= s.durable_seq or d in process.failed
+                          for d, s in self.pipeline.streams.items()):
+                await asyncio.sleep(0.02)
         if self.applier is not None:
             while True:
                 try:
@@ -196,6 +219,8 @@ class ProcessServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.pipeline is not None:
             await self.pipeline.close()
+        if self.applier_process is not None:
+            await self.applier_process.close()
         if self.applier is not None:
             await self.applier.close()
         if self._applier_lock is not None:

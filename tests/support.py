@@ -22,7 +22,8 @@ BLOCKFERRY = str(Path(sys.executable).parent / "blockferry")
 
 def make_config(data_dir: Path, *extra: dict, **sections: dict) -> Config:
     """A config under ``data_dir``; ``extra`` (e.g. :func:`backend_sections`) is merged in key by key."""
-    raw: dict = {"server": {"data_dir": str(data_dir), "port": 0}, "http": {"port": 0}}
+    raw: dict = {"server": {"data_dir": str(data_dir), "port": 0}, "http": {"port": 0},
+                 "applier": {"process": False, "http_port": 0}}
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     for more in extra:

@@ -247,7 +247,7 @@ async def env(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> AsyncIterator
     cfg = Config.model_validate({
         "server": {"data_dir": str(tmp_path / "data"), "port": 0},
         "batch": {"linger_ms": 1},
-        "applier": {"poll_ms": 20},
+        "applier": {"poll_ms": 20, "process": False},
         "http": {"port": 0},
     })
     # Every agent registered up front (the server then generates no default agent).
@@ -654,7 +654,8 @@ async def test_tampered_blob_is_refused_and_kept(tmp_path: Path, caplog: pytest.
 
 @pytest.mark.parametrize("iterations", [0, 1])
 async def test_close_while_the_applier_is_being_woken_returns(tmp_path: Path, iterations: int) -> None:
-    cfg = Config.model_validate({"server": {"data_dir": str(tmp_path / "data"), "port": 0}, "http": {"port": 0}})
+    cfg = Config.model_validate({"server": {"data_dir": str(tmp_path / "data"), "port": 0}, "http": {"port": 0},
+                                 "applier": {"process": False}})
     ps = ProcessServer(cfg, control_plane=False)  # so close() cancels its tasks without awaiting anything first
     await asyncio.wait_for(ps.start(), T)
     await asyncio.sleep(0.05)  # the applier is now waiting for a wake-up or its poll interval

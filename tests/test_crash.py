@@ -22,7 +22,7 @@ MiB = 1024 * 1024
 def _config_text(data: Path, port: int, *, applier: bool = True) -> str:
     return (f'[server]\ndata_dir = "{data}"\nport = {port}\n[http]\nport = 0\n'
             f'[batch]\nmax_bytes = "512KiB"\n'
-            f'[applier]\nenabled = {"true" if applier else "false"}\npoll_ms = 20\n')
+            f'[applier]\nenabled = {"true" if applier else "false"}\npoll_ms = 20\nhttp_port = 0\n')
 
 
 async def test_server_killed_mid_stream_loses_nothing(tmp_path: Path) -> None:

@@ -38,15 +38,18 @@ async def write_workload(agent, sources: dict[str, bytearray], total_bytes: int,
     return written
 
 
-@pytest.mark.parametrize("store,seed", [("local", "local"), ("local", "azure"), ("azure", "azure")],
-                         ids=["local", "azure-seed", "azure-store-and-seed"])
-async def test_several_disks_replicate_byte_identical(tmp_path: Path, store: str, seed: str,
+@pytest.mark.parametrize("store,seed,process", [("local", "local", False), ("local", "local", True),
+                                                ("local", "azure", False), ("azure", "azure", True)],
+                         ids=["local", "local-applier-process", "azure-seed", "azure-store-and-seed-applier-process"])
+async def test_several_disks_replicate_byte_identical(tmp_path: Path, store: str, seed: str, process: bool,
                                                       request: pytest.FixtureRequest) -> None:
     data = tmp_path / "data"
     azurite = request.getfixturevalue("azurite") if "azure" in (store, seed) else None
-    # Small batches and a small in-flight budget: many blobs, and backpressure is exercised.
+    # Small batches and a small in-flight budget: many blobs, and backpressure is exercised. The applier runs
+    # on the server's loop, or as its own process (serve's default) woken by uploads: its poll is a minute.
     config = make_config(data, backend_sections(azurite, store=store, seed=seed, label="e2e"),
-                         batch={"max_bytes": 256 * 1024, "linger_ms": 2}, pipeline={"max_inflight_bytes": 2 * MiB})
+                         batch={"max_bytes": 256 * 1024, "linger_ms": 2}, pipeline={"max_inflight_bytes": 2 * MiB},
+                         applier={"process": process, "poll_ms": 60_000 if process else 200})
     pool = ContentPool(8 * MiB)
     try:  # Azurite is CPU-bound and shares this machine's cores: a smaller workload on Azure
         await _replicate_several_disks(config, pool, 120 * MiB if seed == "local" else 48 * MiB)
@@ -83,7 +86,7 @@ async def _replicate_several_disks(config, pool: ContentPool, total: int) -> Non
             for name, source in sources.items():
                 seed = read_seed(config, name)
                 assert sha(seed) == sha(source), f"{name} differs from its source"
-                assert server.applier.applied_seq(name) == agent.disks[name].acked_seq
+                assert server.applied_seq(name) == agent.disks[name].acked_seq
                 assert seed_state(config, name)["applied_seq"] == agent.disks[name].acked_seq  # type: ignore[index]
         # applied blobs are deleted from the cache store, and the spool is empty
         assert not list(config.store_dir.glob("*/*.bflog"))

@@ -1,0 +1,76 @@
+"""An applier with everything it runs with: the seed lock, keys, cache store and control plane.
+
+``blockferry apply`` runs one, and so does the applier process that ``serve`` starts
+(engine/applier_process.py); one class keeps the start-up order (lock before the
+seed is touched, lease before the first write, admin URL advertised last) and the
+reverse shutdown order in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from engine.applier import Applier, ApplierLock, ApplierLocked
+from engine.config import Config
+from engine.control import ControlPlane
+from engine.store import CacheStore
+
+log = logging.getLogger(__name__)
+
+LOCK_RETRY_S = 0.2
+
+
+class ApplierService:
+    def __init__(self, config: Config, role: str) -> None:
+        self.config = config
+        self.role = role
+        self.applier: Applier | None = None
+        self.control: ControlPlane | None = None
+        self.runner: asyncio.Task[None] | None = None
+        self._lock = ApplierLock(config.seed_dir)
+        self._store: CacheStore | None = None
+
+    async def start(self, *, wait_for_lock: bool = False) -> None:
+        """Raises KeyFileError (no usable key) or ApplierLocked (another applier owns the seed and
+        ``wait_for_lock`` is false; with it, wait until that applier stops — e.g. the applier process of a
+        server that was killed, finishing its last group)."""
+        from engine.server import build_applier, load_keyring, open_store  # the server module imports this one
+
+        keys = load_keyring(self.config, create=False)
+        waiting = False
+        while True:
+            try:
+                self._lock.acquire(f"pid {os.getpid()} ({self.role})")
+                break
+            except ApplierLocked as exc:
+                if not wait_for_lock:
+                    raise
+                if not waiting:
+                    log.warning("%s; waiting for it to stop", exc)
+                    waiting = True
+                await asyncio.sleep(LOCK_RETRY_S)
+        try:
+            self._store = open_store(self.config)
+            self.applier = build_applier(self.config, self._store, keys)
+            await self.applier.open_existing()  # an Azure seed takes its lease here
+            self.control = ControlPlane(self.config, None, self.applier, self._lock, self.role)
+            await self.control.start()
+        except BaseException:
+            await self.close()
+            raise
+        self.runner = asyncio.create_task(self.applier.run(), name="applier")
+
+    async def close(self) -> None:
+        if self.applier is not None:
+            self.applier.stop()
+        if self.runner is not None:
+            await self.runner
+        if self.control is not None:
+            await self.control.close()
+        if self.applier is not None:
+            await self.applier.close()
+        if self._store is not None:
+            await self._store.close()
+        self._lock.release()

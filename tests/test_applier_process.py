@@ -1,0 +1,134 @@
+"""serve's applier as its own process: it owns the seed, is restarted when it dies, and never outlives the server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.applier import ApplierLock, ApplierLocked
+from engine.applier_process import ApplierProcessError
+from engine.recovery.service import RemoteRecovery, admin_token, running_admin_url
+from engine.server import ProcessServer
+from engine.workload import ContentPool, random_writes
+from support import ServerProcess, agent_for, free_port, make_config, read_seed, wait_applied, write_config
+
+MiB = 1024 * 1024
+T = 60
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in status)
+    except FileNotFoundError:
+        return False
+
+
+def _lock_is_free(seed_dir: Path) -> bool:
+    lock = ApplierLock(seed_dir)
+    try:
+        lock.acquire("test")
+    except ApplierLocked:
+        return False
+    lock.release()
+    return True
+
+
+async def _write(agent, disk: str, source: bytearray, pool: ContentPool, count: int, seed: int) -> None:  # type: ignore[no-untyped-def]
+    writes = random_writes(pool, len(source), seed=seed)
+    for _ in range(count):
+        write = next(writes)
+        source[write.offset:write.offset + len(write.data)] = write.data
+        await agent.disks[disk].write(write.offset, write.data)
+    await agent.flush()
+
+
+async def test_the_applier_process_owns_the_seed_and_serves_recovery(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    config = make_config(data, applier={"process": True, "poll_ms": 60_000})  # uploads must wake it
+    pool = ContentPool(4 * MiB)
+    source = bytearray(8 * MiB)
+    async with ProcessServer(config) as server:
+        process = server.applier_process
+        assert server.applier is None and process is not None and process.pid is not None
+        assert process.pid != os.getpid() and _alive(process.pid)
+        assert not _lock_is_free(config.seed_dir), "the applier process must hold the seed lock"
+        async with agent_for(data, server.connect_info.port) as agent:
+            await agent.open_disk("d", len(source))
+            await _write(agent, "d", source, pool, 200, seed=1)
+            await asyncio.wait_for(server.drain(), T)
+            assert server.applied_seq("d") == agent.disks["d"].acked_seq
+        assert read_seed(config, "d") == source
+        url = running_admin_url(config)  # how `blockferry failover` finds it
+        assert url is not None
+        points = await RemoteRecovery(url, admin_token(config)).points("d")
+        assert points and points[-1].seq == server.applied_seq("d")
+        pid = process.pid
+    assert not _alive(pid), "closing the server must stop its applier process"
+    assert _lock_is_free(config.seed_dir)
+
+
+async def test_a_killed_applier_process_is_restarted_and_nothing_is_lost(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    config = make_config(data, applier={"process": True})
+    pool = ContentPool(4 * MiB)
+    source = bytearray(8 * MiB)
+    async with ProcessServer(config) as server:
+        process = server.applier_process
+        assert process is not None and process.pid is not None
+        async with agent_for(data, server.connect_info.port) as agent:
+            await agent.open_disk("d", len(source))
+            await _write(agent, "d", source, pool, 100, seed=2)
+            first = process.pid
+            os.kill(first, signal.SIGKILL)
+            await _write(agent, "d", source, pool, 100, seed=3)  # ingest goes on while it is down
+            await asyncio.wait_for(server.drain(), T)
+            assert process.restarts == 1 and process.pid != first
+            assert server.applied_seq("d") == agent.disks["d"].acked_seq
+    assert read_seed(config, "d") == source
+
+
+async def test_the_applier_process_stops_when_the_server_is_killed(tmp_path: Path) -> None:
+    data, port = tmp_path / "data", free_port()
+    config = write_config(tmp_path / "bf.toml", f'[server]\ndata_dir = "{data}"\nport = {port}\n'
+                                                f'[http]\nport = 0\n[applier]\nhttp_port = 0\npoll_ms = 20\n')
+    server = ServerProcess(config, port, tmp_path / "server.log")
+    server.start()
+    pool = ContentPool(4 * MiB)
+    source = bytearray(8 * MiB)
+    try:
+        async with agent_for(data, port) as agent:
+            await agent.open_disk("d", len(source))
+            await _write(agent, "d", source, pool, 100, seed=4)
+            await wait_applied(data / "seed", {"d": agent.disks["d"].acked_seq})
+        assert not _lock_is_free(data / "seed")
+        server.kill()  # SIGKILL: no chance to stop its child
+        deadline = time.monotonic() + 20
+        while not _lock_is_free(data / "seed"):  # its stdin closed: the orphan stops by itself
+            assert time.monotonic() < deadline, "the applier process outlived its server"
+            await asyncio.sleep(0.05)
+        server.start()  # and a new server's applier takes over
+        async with agent_for(data, port) as agent:
+            await agent.open_disk("d", len(source))
+            await _write(agent, "d", source, pool, 50, seed=5)
+            await wait_applied(data / "seed", {"d": agent.disks["d"].acked_seq})
+    finally:
+        server.stop()
+    assert (data / "seed" / "d.img").read_bytes() == source
+
+
+async def test_an_applier_process_that_cannot_start_fails_the_server_start(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = make_config(tmp_path / "data", applier={"process": True, "http_port": taken.getsockname()[1]})
+        server = ProcessServer(config)
+        with pytest.raises(ApplierProcessError, match="before it was ready"):
+            await asyncio.wait_for(server.start(), T)
+        await server.close()
