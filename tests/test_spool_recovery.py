@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
 from pathlib import Path
 
@@ -9,6 +11,7 @@ from engine.disks import DiskInfo
 from engine.pipeline import Pipeline
 from engine.spool import Spool, UploadWatermarks
 from engine.store import LocalStore
+from protocol import Write
 from protocol.logblob import BlobHeader, Sealer, blob_name, write_record_header
 from support import make_config
 
@@ -77,6 +80,41 @@ async def test_a_damaged_spool_file_is_kept_aside_not_uploaded(tmp_path: Path) -
         assert pipeline.streams["d"].durable_seq == 2
         assert not damaged.exists() and damaged.with_name(damaged.name + ".bad").exists()
         await pipeline.drain()
+        assert await store.list_blobs() == [blob_name("d", 1, 2)]
+    finally:
+        await pipeline.close()
+
+
+class FullSpool(Spool):
+    """A spool whose disk is full for its first ``failures`` writes (ENOSPC, as a real full disk answers)."""
+
+    def __init__(self, *args: object, failures: int, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.failures = failures
+
+    def write(self, name: str, data: memoryview) -> Path:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path_of(name)))
+        return super().write(name, data)
+
+
+async def test_a_full_spool_delays_the_ack_until_the_blob_is_written(tmp_path: Path) -> None:
+    config = make_config(tmp_path / "data", upload={"retry_initial_ms": 50})
+    store = LocalStore(config.store_dir)
+    spool = FullSpool(config.spool_dir, 1 << 30, failures=2)
+    pipeline = Pipeline(config, Sealer(KEY), spool, store, UploadWatermarks(config.state_dir / "uploaded.json"))
+    await pipeline.start([DiskInfo("d", "agent-1", 1 << 20, 4096)])
+    acked: list[int] = []
+    try:
+        stream = pipeline.streams["d"]
+        stream.listeners[object()] = lambda disk, seq: acked.append(seq)
+        for seq in (1, 2):
+            assert pipeline.accept_write(stream, Write.make(1, seq, 512 * seq, bytes([seq]) * 512, 0))
+        await asyncio.sleep(0.03)  # sealed at once (linger), then refused by the full disk
+        assert acked == [] and stream.durable_seq == 0, "nothing may be acknowledged before it is in the spool"
+        await pipeline.drain()
+        assert pipeline.stats.spool_errors == 2 and acked == [2] and stream.durable_seq == 2
         assert await store.list_blobs() == [blob_name("d", 1, 2)]
     finally:
         await pipeline.close()
