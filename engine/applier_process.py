@@ -37,6 +37,7 @@ from typing import Any
 
 from engine.aio import run_loop
 from engine.config import Config
+from engine.memory import limit_malloc_arenas
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,7 @@ async def _child(config: Config, report_fd: int) -> None:
 def main() -> None:
     config, level = _read_config(0)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s (applier process): %(message)s")
+    limit_malloc_arenas()
     run_loop(_child(config, int(sys.argv[1])))
 
 

@@ -22,6 +22,7 @@ from rich.table import Table
 from engine.aio import run_loop
 from engine.config import Config, ConfigError, load_config
 from engine.keys import KeyFileError, KeyRing, load_key
+from engine.memory import limit_malloc_arenas
 
 if TYPE_CHECKING:
     from engine.recovery.service import Recovery
@@ -64,6 +65,7 @@ def _config(path: Path | None) -> Config:
 def main(log_level: str) -> None:
     """blockferry: block-level replication data plane (process server, applier, agent)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limit_malloc_arenas()
 
 
 # ---------------------------------------------------------------- server side
