@@ -119,7 +119,7 @@ def _common(f):  # noqa: ANN001, ANN202 - click decorator stack
                      help="Seconds of closed-loop fill before the applier drain [min(duration, 15)]."),
         click.option("--scaling-agents", default="1,10,100,1000", show_default=True,
                      help="Agent counts of the scaling phase."),
-        click.option("--scaling-duration", type=float, default=None, help="Seconds per scaling step [15; quick 5]."),
+        click.option("--scaling-duration", type=float, default=None, help="Seconds per scaling step [15; quick 8]."),
         click.option("--scaling-load", type=float, default=1.0, show_default=True,
                      help="Scaling offered load as a fraction of the measured maximum."),
         click.option("--scaling-rate", type=float, default=None, help="Scaling offered load in MB/s (overrides)."),
@@ -150,7 +150,7 @@ def _common(f):  # noqa: ANN001, ANN202 - click decorator stack
     return f
 
 
-QUICK = {"duration": 8.0, "warmup": 2.0, "scaling_duration": 4.0, "sample_size": "256MiB", "ceiling_seconds": 2.0,
+QUICK = {"duration": 8.0, "warmup": 2.0, "scaling_duration": 8.0, "sample_size": "256MiB", "ceiling_seconds": 2.0,
          "drain_duration": 4.0, "open_duration": 5.0, "catch_up_timeout": 20.0, "catch_up": False,
          "pool_size": "32MiB"}
 FULL = {"duration": 30.0, "warmup": 5.0, "scaling_duration": 15.0, "sample_size": "1GiB", "ceiling_seconds": 5.0}

@@ -175,7 +175,7 @@ def markdown(result: dict, plots: dict[str, str] | None = None) -> str:
                 continue
             lines.append(f"| {s['agents']} | {s['acked_mbps']:.1f} | {s['carried']:.0%} | "
                          f"{s['latency']['p50_ms']:.1f} / {s['latency']['p99_ms']:.1f} | "
-                         f"{s['server_peak_rss'] / MiB:.0f} | {s['server_cpu_s_per_gb']:.2f} | "
+                         f"{_rss(s)} | {s['server_cpu_s_per_gb']:.2f} | "
                          f"{s['window_per_agent'] / MiB:.0f} | {s['connect_s']:.1f} | "
                          f"{s['blob_mean_bytes'] / 1024:.0f} |")
         lines.append("")

@@ -48,6 +48,7 @@ def run_scaling(base: PhaseSpec, counts: list[int], offered_mbps: float, workdir
             "latency": r["latency"],
             "lag_s": r["lag_s"],
             "server_peak_rss": r["server_peak_rss"],
+            "applier_process_peak_rss": r.get("applier_process_peak_rss", 0),
             "server_cpu_s_per_gb": r["server_cpu_s_per_gb"],
             "connect_s": r["connect_s"],
             "window_per_agent": spec.window,

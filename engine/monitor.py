@@ -220,18 +220,36 @@ class Monitor:
             names.update(d for d, blobs in self.applier.first_seen.items() if blobs)
         return sorted(names)
 
-    def snapshot(self) -> list[DiskHealth]:
-        """Every disk's health now, sorted by disk id."""
-        now_us = _now_us()
+    def observe(self) -> None:
+        """Take the periodic samples (churn per disk, upload progress); ``run`` calls it every interval.
+
+        Kept apart from ``snapshot`` so reading the state — a /metrics scrape, /healthz, ``status`` — never
+        changes it: churn does not depend on how often Prometheus scrapes.
+        """
         now_mono = time.monotonic()
         self._observe_uploads(now_mono)
-        return [self._disk_health(disk, now_us, now_mono) for disk in self.disks()]
+        for disk in self.disks():
+            counter = self._churn_counter(disk)
+            if counter is not None:
+                self._rates.setdefault(disk, _Rate(self.churn_window_s)).add(now_mono, counter)
 
-    def _disk_health(self, disk: str, now_us: int, now_mono: float) -> DiskHealth:
+    def _churn_counter(self, disk: str) -> int | None:
+        """Bytes received for ``disk`` (an apply-only process: bytes applied), None if nothing here knows it."""
+        stream = self.pipeline.streams.get(disk) if self.pipeline is not None else None
+        if stream is not None:
+            return stream.received_bytes
+        d = self.applier.disks.get(disk) if self.applier is not None else None
+        return d.state.applied_bytes if d is not None else None
+
+    def snapshot(self) -> list[DiskHealth]:
+        """Every disk's health now, sorted by disk id; changes nothing."""
+        now_us = _now_us()
+        return [self._disk_health(disk, now_us) for disk in self.disks()]
+
+    def _disk_health(self, disk: str, now_us: int) -> DiskHealth:
         h = DiskHealth(disk, 0.0, self.config.policy_for(disk).rpo_threshold_s)
         observed: list[str] = []
         oldest: dict[str, int] = {}  # stage → arrival (server clock) of its oldest unrecoverable write
-        churn_counter: int | None = None
         stream = self.pipeline.streams.get(disk) if self.pipeline is not None else None
         if self.pipeline is not None:
             observed.append("server")
@@ -244,7 +262,7 @@ class Monitor:
             if unstored is not None:
                 oldest[stream.stage_behind() or "ingest"] = unstored
             h.backlog_bytes = stream.backlog_bytes
-            h.received_bytes = churn_counter = stream.received_bytes
+            h.received_bytes = stream.received_bytes
             h.sealed_bytes = stream.sealed_bytes
             h.durable_seq = stream.durable_seq
             h.uploaded_seq = stream.uploaded_seq
@@ -264,8 +282,6 @@ class Monitor:
                 if d.entries:  # appended in sequence order, pruned from the front: the last is the newest
                     point = points_of(disk, [d.entries[-1]])[0]
                     h.last_point_seq, h.last_point_kind, h.last_point_source_us = point.seq, point.kind, point.source_us
-                if stream is None:
-                    churn_counter = d.state.applied_bytes
             failure = a.failures.get(disk)
             if failure is not None:
                 h.failure = f"blob {failure.blob}: {failure.reason}"
@@ -275,10 +291,8 @@ class Monitor:
             h.recoverable_lag_s = _lag_s(now_us, oldest[h.stage])
         if h.failure is not None:
             h.stage = "apply"  # nothing more of this disk becomes recoverable until the operator acts
-        if churn_counter is not None:
-            rate = self._rates.setdefault(disk, _Rate(self.churn_window_s))
-            rate.add(now_mono, churn_counter)
-            h.churn_bps = rate.rate()
+        rate = self._rates.get(disk)
+        h.churn_bps = rate.rate() if rate is not None else 0.0
         return h
 
     def _observe_uploads(self, now_mono: float) -> None:
@@ -361,6 +375,7 @@ class Monitor:
         try:
             while True:
                 try:
+                    self.observe()
                     for event in self.evaluate():
                         self.emit(event)
                 except Exception:  # a bug here must not end monitoring for good

@@ -220,13 +220,15 @@ async def test_metrics_endpoint_reports_bytes_lags_and_queues(tmp_path: Path) ->
             await asyncio.wait_for(agent.flush(), T)
             await asyncio.wait_for(ps.drain(), T)
             monitor = Monitor(cfg, ps.pipeline, ps.applier)
-            monitor.snapshot()  # first churn sample
+            monitor.observe()  # first churn sample
             sampled = time.monotonic()
             for i in range(2):  # received, sitting in m2's open batch (neither stored nor acknowledged)
                 await m2.write(512 * KiB + i * 8 * KiB, bytes([120 + i]) * 8 * KiB)
             await wait_for(lambda: ps.pipeline.streams["m2"].received_bytes == 48 * KiB + 16 * KiB, "m2 writes")
             await asyncio.sleep(0.4)
             async with http(monitor) as base:
+                _, unsampled = await scrape(base)  # a scrape reads, it does not sample: no churn seen yet
+                monitor.observe()  # the second sample (what Monitor.run does every interval)
                 content_type, s = await scrape(base)
                 elapsed = time.monotonic() - sampled
                 status, body = await get_json(base + "/healthz")
@@ -259,6 +261,7 @@ async def test_metrics_endpoint_reports_bytes_lags_and_queues(tmp_path: Path) ->
     assert disk("blockferry_disk_backlog_bytes", "m2") == 16 * KiB and disk("blockferry_disk_backlog_bytes", "m1") == 0
     assert disk("blockferry_disk_pending_blobs", "m1") == 0
     # churn: m2 received 16 KiB between the two samples, m1 nothing
+    assert unsampled[("blockferry_disk_churn_bytes_per_second", (("disk", "m2"),))] == 0
     churn = disk("blockferry_disk_churn_bytes_per_second", "m2")
     assert 16 * KiB / elapsed <= churn <= 16 * KiB / 0.4, churn
     assert disk("blockferry_disk_churn_bytes_per_second", "m1") == 0
@@ -331,7 +334,8 @@ async def test_healthz_reports_uploads_failing_continuously_and_recovers(tmp_pat
         assert ps.pipeline is not None and ps.connect_info is not None
         blocker = cfg.store_dir / "upfail"
         blocker.write_bytes(b"")  # a file where the disk's directory of the cache store must go: uploads fail
-        monitor = Monitor(cfg, ps.pipeline, None, upload_failing_s=0.3)
+        monitor = Monitor(cfg, ps.pipeline, None, upload_failing_s=0.3, interval_s=0.02)
+        observing = asyncio.create_task(monitor.run())  # observes upload progress every 20 ms
         async with agent_for(data, ps.connect_info.port) as agent:
             disk = await asyncio.wait_for(agent.open_disk("upfail", 1 * MiB), T)
             await asyncio.wait_for(await disk.write(0, b"u" * 4096), T)  # durable in the spool: acknowledged
@@ -355,6 +359,8 @@ async def test_healthz_reports_uploads_failing_continuously_and_recovers(tmp_pat
             blocker.unlink()  # the store is back
             await wait_for(lambda: monitor.healthy()[0], "healthy again once an upload succeeds")
             assert health_of(monitor, "upfail").ingest_lag_s == 0
+        observing.cancel()
+        await asyncio.gather(observing, return_exceptions=True)
 
 
 # ---------------------------------------------------------------- (d) a source clock an hour behind
