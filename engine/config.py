@@ -67,9 +67,11 @@ class BatchConfig(_Section):
 
 
 class PipelineConfig(_Section):
-    max_inflight_bytes: ByteSize = Field(ByteSize(128 * 1024 * 1024), ge=1024 * 1024,
+    max_inflight_bytes: ByteSize = Field(ByteSize(64 * 1024 * 1024), ge=1024 * 1024,
                                          description="Payload bytes received but not yet durable, over all disks; "
-                                                     "beyond it the server stops reading agent sockets (backpressure).")
+                                                     "beyond it the server stops reading agent sockets (backpressure). "
+                                                     "More only queues: at 90 % load 128MiB doubled ack p99 over "
+                                                     "64MiB; 32MiB and less cost throughput (docs/benchmarks.md).")
     seal_threads: int = Field(0, ge=0, description="Threads for lz4 + AES-GCM sealing; 0 = one per CPU core.")
 
 

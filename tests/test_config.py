@@ -78,7 +78,7 @@ def test_render_defaults_spelling():
     for header in ("[server]", "[batch]", "[pipeline]", "[spool]", "[upload]", "[store]", "[keys]", "[applier]"):
         assert header in lines
     assert 'max_bytes = "4MiB"  # size (bytes), >= 4KiB' in lines          # human size, accepted back
-    assert 'max_inflight_bytes = "128MiB"  # size (bytes), >= 1MiB' in lines
+    assert 'max_inflight_bytes = "64MiB"  # size (bytes), >= 1MiB' in lines
     assert 'max_bytes = "8GiB"  # size (bytes), >= 1MiB' in lines
     # not a whole unit: written exactly as an integer, never rounded to "4.0MiB"
     assert "max_frame_bytes = 4194368  # size (bytes); 4MiB + 64B" in lines
@@ -311,8 +311,8 @@ def test_inflight_must_be_at_least_twice_the_batch():
     assert msg.splitlines()[0] == "test.toml: invalid configuration"
     # against the default batch (4MiB) too
     assert "pipeline.max_inflight_bytes" in error_of({"pipeline": {"max_inflight_bytes": "7MiB"}})
-    # and a larger batch against the default in-flight budget (128MiB)
-    assert "pipeline.max_inflight_bytes" in error_of({"batch": {"max_bytes": "65MiB"}})
+    # and a larger batch against the default in-flight budget (64MiB)
+    assert "pipeline.max_inflight_bytes" in error_of({"batch": {"max_bytes": "33MiB"}})
     # exactly twice is fine
     cfg = parse_config({"batch": {"max_bytes": "4MiB"}, "pipeline": {"max_inflight_bytes": "8MiB"}})
     assert cfg.pipeline.max_inflight_bytes == 8 * MiB == 2 * cfg.batch.max_bytes
