@@ -3,21 +3,62 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import random
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from azurite import Azurite
 from engine.agent import Agent
 from engine.auth import DEFAULT_AGENT, read_token
 from engine.config import Config
 from engine.tls import client_context
+from engine.workload import ContentPool, random_writes
+from protocol import TagKind
 
 BLOCKFERRY = str(Path(sys.executable).parent / "blockferry")
+MiB = 1024 * 1024
+
+
+def sha(data: bytes | bytearray) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 10.0, interval: float = 0.01) -> Any:
+    """Poll ``predicate`` until it returns something true, and return that; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while not (result := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+    return result
+
+
+async def write_random(agent: Agent, sources: dict[str, bytearray], total_bytes: int, pool: ContentPool, *,
+                       seed: int = 7, max_size: int = 1024 * 1024, tag_rate: float = 0.0) -> int:
+    """Overlapping random writes (4 KiB .. ``max_size``) spread over the agent's open disks, mirrored into
+    ``sources``, with an application- or crash-consistent tag after a ``tag_rate`` share of them; returns the
+    bytes written (not flushed)."""
+    rng = random.Random(seed)
+    streams = {name: random_writes(pool, len(src), max_size=max_size, seed=seed + i)
+               for i, (name, src) in enumerate(sources.items())}
+    written = 0
+    while written < total_bytes:
+        name = rng.choice(list(sources))
+        write = next(streams[name])
+        sources[name][write.offset:write.offset + len(write.data)] = write.data
+        await agent.disks[name].write(write.offset, write.data)
+        written += len(write.data)
+        if rng.random() < tag_rate:
+            await agent.disks[name].tag(rng.choice(list(TagKind)), f"t{written}")
+    return written
 
 
 def make_config(data_dir: Path, *extra: dict, **sections: dict) -> Config:

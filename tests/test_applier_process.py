@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,9 @@ from engine.applier import ApplierLock, ApplierLocked
 from engine.applier_process import ApplierProcessError
 from engine.recovery.service import RemoteRecovery, admin_token, running_admin_url
 from engine.server import ProcessServer
-from engine.workload import ContentPool, random_writes
-from support import ServerProcess, agent_for, free_port, make_config, read_seed, wait_applied, write_config
+from engine.workload import ContentPool
+from support import (ServerProcess, agent_for, free_port, make_config, read_seed, wait_applied, wait_for,
+                     write_config, write_random)
 
 MiB = 1024 * 1024
 T = 60
@@ -40,12 +40,8 @@ def _lock_is_free(seed_dir: Path) -> bool:
     return True
 
 
-async def _write(agent, disk: str, source: bytearray, pool: ContentPool, count: int, seed: int) -> None:  # type: ignore[no-untyped-def]
-    writes = random_writes(pool, len(source), seed=seed)
-    for _ in range(count):
-        write = next(writes)
-        source[write.offset:write.offset + len(write.data)] = write.data
-        await agent.disks[disk].write(write.offset, write.data)
+async def _write(agent, disk: str, source: bytearray, pool: ContentPool, seed: int) -> None:  # type: ignore[no-untyped-def]
+    await write_random(agent, {disk: source}, 4 * MiB, pool, seed=seed, max_size=256 * 1024)
     await agent.flush()
 
 
@@ -61,7 +57,7 @@ async def test_the_applier_process_owns_the_seed_and_serves_recovery(tmp_path: P
         assert not _lock_is_free(config.seed_dir), "the applier process must hold the seed lock"
         async with agent_for(data, server.connect_info.port) as agent:
             await agent.open_disk("d", len(source))
-            await _write(agent, "d", source, pool, 200, seed=1)
+            await _write(agent, "d", source, pool, seed=1)
             await asyncio.wait_for(server.drain(), T)
             assert server.applied_seq("d") == agent.disks["d"].acked_seq
         assert read_seed(config, "d") == source
@@ -84,10 +80,10 @@ async def test_a_killed_applier_process_is_restarted_and_nothing_is_lost(tmp_pat
         assert process is not None and process.pid is not None
         async with agent_for(data, server.connect_info.port) as agent:
             await agent.open_disk("d", len(source))
-            await _write(agent, "d", source, pool, 100, seed=2)
+            await _write(agent, "d", source, pool, seed=2)
             first = process.pid
             os.kill(first, signal.SIGKILL)
-            await _write(agent, "d", source, pool, 100, seed=3)  # ingest goes on while it is down
+            await _write(agent, "d", source, pool, seed=3)  # ingest goes on while it is down
             await asyncio.wait_for(server.drain(), T)
             assert process.restarts == 1 and process.pid != first
             assert server.applied_seq("d") == agent.disks["d"].acked_seq
@@ -105,18 +101,16 @@ async def test_the_applier_process_stops_when_the_server_is_killed(tmp_path: Pat
     try:
         async with agent_for(data, port) as agent:
             await agent.open_disk("d", len(source))
-            await _write(agent, "d", source, pool, 100, seed=4)
+            await _write(agent, "d", source, pool, seed=4)
             await wait_applied(data / "seed", {"d": agent.disks["d"].acked_seq})
         assert not _lock_is_free(data / "seed")
         server.kill()  # SIGKILL: no chance to stop its child
-        deadline = time.monotonic() + 20
-        while not _lock_is_free(data / "seed"):  # its stdin closed: the orphan stops by itself
-            assert time.monotonic() < deadline, "the applier process outlived its server"
-            await asyncio.sleep(0.05)
+        # its stdin closed: the orphan stops by itself
+        await wait_for(lambda: _lock_is_free(data / "seed"), "the killed server's applier process to stop", 20)
         server.start()  # and a new server's applier takes over
         async with agent_for(data, port) as agent:
             await agent.open_disk("d", len(source))
-            await _write(agent, "d", source, pool, 50, seed=5)
+            await _write(agent, "d", source, pool, seed=5)
             await wait_applied(data / "seed", {"d": agent.disks["d"].acked_seq})
     finally:
         server.stop()

@@ -31,10 +31,10 @@ from engine.config import AZURE_ENV, AzureStoreConfig, ConfigError, parse_config
 from engine.keys import KeyRing
 from engine.server import ProcessServer, build_applier, open_store
 from engine.store import AzureBlobStore, StoreError
-from engine.workload import ContentPool, random_writes
+from engine.workload import ContentPool
 from faultproxy import FaultProxy
 from protocol.logblob import BlobHeader, Sealer, blob_name, parse_blob_name, write_record_header
-from support import agent_for, make_config
+from support import agent_for, make_config, sha, wait_for, write_random
 
 MiB = 1024 * 1024
 BAD_KEY = base64.b64encode(hashlib.sha512(b"not the account key").digest()).decode()  # valid base64, wrong
@@ -82,37 +82,15 @@ def seal_file(tmp_path: Path, sealer: Sealer, disk: str, first: int, last: int, 
     return name, path, sealed
 
 
-def sha(data: bytes | bytearray) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 async def replicate(agent, sizes: dict[str, int], total: int, *, seed: int, max_size: int = 256 * 1024) -> dict:
-    """Random overlapping writes (4 KiB .. max_size) over the disks; returns the expected disk contents."""
-    pool = ContentPool(4 * MiB, seed=seed)
-    rng = random.Random(seed)
+    """Random overlapping writes over freshly opened disks, flushed; returns the expected disk contents."""
     sources = {}
-    streams = {}
-    for i, (disk, size) in enumerate(sizes.items()):
+    for disk, size in sizes.items():
         await agent.open_disk(disk, size)
         sources[disk] = bytearray(size)
-        streams[disk] = random_writes(pool, size, max_size=max_size, seed=seed + i)
-    written = 0
-    while written < total:
-        disk = rng.choice(list(sizes))
-        write = next(streams[disk])
-        sources[disk][write.offset:write.offset + len(write.data)] = write.data
-        await agent.disks[disk].write(write.offset, write.data)
-        written += len(write.data)
+    await write_random(agent, sources, total, ContentPool(4 * MiB, seed=seed), seed=seed, max_size=max_size)
     await agent.flush()
     return sources
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        await asyncio.sleep(0.05)
 
 
 async def wait_applied(server: ProcessServer, timeout: float) -> None:
@@ -120,8 +98,7 @@ async def wait_applied(server: ProcessServer, timeout: float) -> None:
     assert server.pipeline is not None and server.applier is not None
     targets = {disk: s.durable_seq for disk, s in server.pipeline.streams.items()}
     await wait_for(lambda: all(server.applier.applied_seq(d) >= seq or d in server.applier.failures
-                               for d, seq in targets.items()), timeout,
-                   f"applier did not catch up with {targets}")
+                               for d, seq in targets.items()), f"applier to catch up with {targets}", timeout)
 
 
 # --------------------------------------------------------------------------------------------- the store
@@ -365,7 +342,7 @@ async def test_secrets_are_never_printed(method: str, tmp_path: Path, azurite: A
         async with agent_for(server_config.server.data_dir, server.connect_info.port) as agent:
             disk = await agent.open_disk("d", MiB)
             await (await disk.write(0, b"x" * 4096))  # acknowledged: durable in the spool
-            await wait_for(lambda: server.pipeline.stats.upload_errors >= 2, 10, "no upload attempts")
+            await wait_for(lambda: server.pipeline.stats.upload_errors >= 2, "upload attempts", 10)
         assert server.pipeline.streams["d"].uploaded_seq == 0
     assert any(r.name.startswith("azure") for r in caplog.records), "the SDK's own logging was not captured"
     assert "not authorized to upload" in caplog.text

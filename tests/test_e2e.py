@@ -3,39 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import random
 from pathlib import Path
 
 import pytest
 
 from engine.server import ProcessServer
-from engine.workload import ContentPool, random_writes
-from protocol import TagKind
-from support import agent_for, backend_sections, delete_containers, make_config, read_seed, seed_state
+from engine.workload import ContentPool
+from support import (agent_for, backend_sections, delete_containers, make_config, read_seed, seed_state, sha,
+                     write_random)
 
 MiB = 1024 * 1024
-
-
-def sha(data: bytes | bytearray) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-async def write_workload(agent, sources: dict[str, bytearray], total_bytes: int, pool: ContentPool,
-                         seed: int = 7) -> int:
-    """Overlapping writes of 4 KiB..1 MiB spread over the disks, with tags; returns bytes written."""
-    rng = random.Random(seed)
-    streams = {name: random_writes(pool, len(src), seed=seed + i) for i, (name, src) in enumerate(sources.items())}
-    written = 0
-    while written < total_bytes:
-        name = rng.choice(list(sources))
-        write = next(streams[name])
-        sources[name][write.offset:write.offset + len(write.data)] = write.data
-        await agent.disks[name].write(write.offset, write.data)
-        written += len(write.data)
-        if rng.random() < 0.02:
-            await agent.disks[name].tag(rng.choice(list(TagKind)), f"t{written}")
-    return written
 
 
 @pytest.mark.parametrize("store,seed,process", [("local", "local", False), ("local", "local", True),
@@ -74,7 +51,7 @@ async def _replicate_several_disks(config, pool: ContentPool, total: int) -> Non
                     await asyncio.sleep(0.001)
 
             watcher = asyncio.create_task(watch())
-            written = await write_workload(agent, sources, total, pool)
+            written = await write_random(agent, sources, total, pool, tag_rate=0.02)
             await agent.flush()
             watcher.cancel()
             await server.drain()
@@ -108,14 +85,14 @@ async def test_restart_resumes_from_durable_state(tmp_path: Path) -> None:
     config = make_config(data, server={"port": port})  # the restarted server must come back on the same port
     async with agent_for(data, port, reconnect_max_s=0.2) as agent:
         disk = await agent.open_disk("d", len(source))
-        await write_workload(agent, {"d": source}, 8 * MiB, pool, seed=1)
+        await write_random(agent, {"d": source}, 8 * MiB, pool, seed=1, tag_rate=0.02)
         await agent.flush()
         before = disk.acked_seq
         connections = agent.connections
         await server.close()
         server = ProcessServer(config)
         await server.start()
-        await write_workload(agent, {"d": source}, 8 * MiB, pool, seed=2)
+        await write_random(agent, {"d": source}, 8 * MiB, pool, seed=2, tag_rate=0.02)
         await agent.flush()
         assert agent.connections > connections
         assert disk.acked_seq > before

@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from protocol import (
     Write,
 )
 from protocol.logblob import BlobHeader, blob_name
-from support import agent_for, make_config
+from support import agent_for, make_config, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,15 +48,6 @@ MiB = 1024 * KiB
 T = 10.0  # upper bound of any single wait
 TICK = 0.05  # the monitor's alert interval in these tests
 HOUR_US = 3600 * 1_000_000
-
-
-async def wait_for(predicate: Callable[[], Any], what: str, timeout: float = T) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
-    return result
 
 
 def alert_events(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
