@@ -107,7 +107,7 @@ class ApplierProcess:
             started = time.monotonic()
             try:
                 code = await self._run_once(ready)
-            except Exception as exc:  # could not even spawn it (e.g. out of processes)
+            except OSError as exc:  # could not even spawn it (e.g. out of processes or memory)
                 if not ready.done():
                     ready.set_exception(exc)
                     return

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from azurite import Azurite
+
 from engine.agent import Agent
 from engine.auth import DEFAULT_AGENT, read_token
 from engine.config import Config

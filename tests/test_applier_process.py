@@ -9,14 +9,23 @@ import socket
 from pathlib import Path
 
 import pytest
+from support import (
+    ServerProcess,
+    agent_for,
+    free_port,
+    make_config,
+    read_seed,
+    wait_applied,
+    wait_for,
+    write_config,
+    write_random,
+)
 
 from engine.applier import ApplierLock, ApplierLocked
 from engine.applier_process import ApplierProcessError
 from engine.recovery.service import RemoteRecovery, admin_token, running_admin_url
 from engine.server import ProcessServer
 from engine.workload import ContentPool
-from support import (ServerProcess, agent_for, free_port, make_config, read_seed, wait_applied, wait_for,
-                     write_config, write_random)
 
 MiB = 1024 * 1024
 T = 60

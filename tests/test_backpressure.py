@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from support import make_config
+
 from engine.disks import DiskInfo
 from engine.pipeline import Pipeline
 from engine.spool import Spool, UploadWatermarks
 from engine.store import LocalStore
 from protocol import Write
 from protocol.logblob import Sealer
-from support import make_config
 
 MiB = 1024 * 1024
 LIMIT = 8 * MiB
