@@ -174,6 +174,7 @@ class Pipeline:
         self.stored_listeners: list[Callable[[], None]] = []
         self.stats = PipelineStats()
         self._executor = ThreadPoolExecutor(config.seal_threads, thread_name_prefix="seal")
+        self._spare_buffers = 2 * config.seal_threads  # sealed-blob buffers kept for reuse (per blob: no os calls)
         self._spool_executor = ThreadPoolExecutor(SPOOL_IO_THREADS, thread_name_prefix="spool")
         self._buffers: queue.SimpleQueue[bytearray] = queue.SimpleQueue()  # sealed-blob buffers to reuse
         self._upload_queue: asyncio.Queue[Batch] = asyncio.Queue()
@@ -365,7 +366,7 @@ class Pipeline:
         finally:
             # reuse (a fresh multi-MiB buffer per blob costs page faults), but keep only as many as
             # the seal threads can fill at once: a burst must not pin its peak in memory for good
-            if self._buffers.qsize() < 2 * self.config.seal_threads:
+            if self._buffers.qsize() < self._spare_buffers:
                 self._buffers.put(sealed.obj)
         batch.sealed = True
         batch.pieces = []
