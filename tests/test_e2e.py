@@ -54,7 +54,7 @@ async def _replicate_several_disks(config, pool: ContentPool, total: int) -> Non
             written = await write_random(agent, sources, total, pool, tag_rate=0.02)
             await agent.flush()
             watcher.cancel()
-            await server.drain()
+            await asyncio.wait_for(server.drain(), 30)  # a lost wake-up would wait for the minute-long poll
             stats = server.pipeline.stats
             assert stats.received_bytes == written  # every byte once, nothing dropped
             assert stats.pauses > 0, "the small in-flight budget should have paused ingest at least once"
