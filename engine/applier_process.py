@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import signal
 import struct
 import sys
@@ -145,7 +146,12 @@ class ApplierProcess:
                                                     os.fdopen(read_fd, "rb", buffering=0))
         try:
             async for line in reader:  # ends when the child exits
-                self._on_report(json.loads(line), ready)
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    log.warning("applier process: unreadable report %r", line[:200])
+                    continue
+                self._on_report(message, ready)
         finally:
             transport.close()
         return await proc.wait()
@@ -161,6 +167,27 @@ class ApplierProcess:
 
 
 # ---------------------------------------------------------------- the child
+
+ROLE = "applier process, server pid"  # how the child names itself in the seed lock
+
+
+def orphaned(holder: str) -> bool:
+    """Whether the seed lock's holder is the applier process of a server that is gone.
+
+    It stops by itself after its current group (its stdin is closed), so a restarted server's applier
+    waits for it; any other holder — ``blockferry apply``, a live server's applier — is a configuration
+    error that must fail the start, not hang it.
+    """
+    match = re.search(re.escape(ROLE) + r" (\d+)", holder)
+    if match is None:
+        return False
+    try:
+        os.kill(int(match.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def _read_config(fd: int) -> tuple[Config, int]:
@@ -190,8 +217,8 @@ async def _child(config: Config, report_fd: int) -> None:
     def send(message: dict[str, object]) -> None:
         report.write(json.dumps(message).encode() + b"\n")  # buffered by the transport: never blocks the loop
 
-    service = ApplierService(config, f"blockferry serve (applier process, server pid {os.getppid()})")
-    await service.start(wait_for_lock=True)
+    service = ApplierService(config, f"blockferry serve ({ROLE} {os.getppid()})")
+    await service.start(wait_while=orphaned)
     applier = service.applier
     assert applier is not None and service.runner is not None
     applier.applied_listeners.append(lambda disk, seq: send({"disk": disk, "applied": seq}))

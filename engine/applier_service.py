@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 
 from engine.applier import Applier, ApplierLock, ApplierLocked
 from engine.config import Config
@@ -32,10 +33,12 @@ class ApplierService:
         self._lock = ApplierLock(config.seed_dir)
         self._store: CacheStore | None = None
 
-    async def start(self, *, wait_for_lock: bool = False) -> None:
-        """Raises KeyFileError (no usable key) or ApplierLocked (another applier owns the seed and
-        ``wait_for_lock`` is false; with it, wait until that applier stops — e.g. the applier process of a
-        server that was killed, finishing its last group)."""
+    async def start(self, *, wait_while: Callable[[str], bool] | None = None) -> None:
+        """Raises KeyFileError (no usable key) or ApplierLocked (another applier owns the seed).
+
+        ``wait_while(holder)``: keep waiting for the lock while it says yes of what the holder advertised —
+        e.g. the applier process of a server that was killed, finishing its last group.
+        """
         from engine.server import build_applier, load_keyring, open_store  # the server module imports this one
 
         keys = load_keyring(self.config, create=False)
@@ -45,7 +48,7 @@ class ApplierService:
                 self._lock.acquire(f"pid {os.getpid()} ({self.role})")
                 break
             except ApplierLocked as exc:
-                if not wait_for_lock:
+                if wait_while is None or not wait_while(self._lock.holder() or ""):
                     raise
                 if not waiting:
                     log.warning("%s; waiting for it to stop", exc)

@@ -6,6 +6,8 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from support import (
 )
 
 from engine.applier import ApplierLock, ApplierLocked
-from engine.applier_process import ApplierProcessError
+from engine.applier_process import ROLE, ApplierProcessError
 from engine.recovery.service import RemoteRecovery, admin_token, running_admin_url
 from engine.server import ProcessServer
 from engine.workload import ContentPool
@@ -134,4 +136,33 @@ async def test_an_applier_process_that_cannot_start_fails_the_server_start(tmp_p
         server = ProcessServer(config)
         with pytest.raises(ApplierProcessError, match="before it was ready"):
             await asyncio.wait_for(server.start(), T)
+        await server.close()
+
+
+async def test_another_applier_on_the_seed_fails_the_start_at_once(tmp_path: Path) -> None:
+    config = make_config(tmp_path / "data", applier={"process": True})
+    other = ApplierLock(config.seed_dir)
+    other.acquire(f"pid {os.getpid()} (blockferry apply)")  # e.g. a separate `blockferry apply` left configured
+    try:
+        server = ProcessServer(config)
+        with pytest.raises(ApplierProcessError, match="before it was ready"):
+            await asyncio.wait_for(server.start(), 15)  # refused, not waited for
+        await server.close()
+    finally:
+        other.release()
+
+
+async def test_a_dead_servers_applier_process_is_waited_for(tmp_path: Path) -> None:
+    config = make_config(tmp_path / "data", applier={"process": True})
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a server pid that no longer runs
+    orphan = ApplierLock(config.seed_dir)
+    orphan.acquire(f"pid {os.getpid()} (blockferry serve ({ROLE} {gone.pid}))")
+    asyncio.get_running_loop().call_later(1.0, orphan.release)  # it finishes its last group
+    server = ProcessServer(config)
+    await asyncio.wait_for(server.start(), T)
+    try:
+        assert server.applier_process is not None and _alive(server.applier_process.pid or 0)
+        assert not _lock_is_free(config.seed_dir)
+    finally:
         await server.close()
