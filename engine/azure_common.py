@@ -30,7 +30,7 @@ from azure.core.exceptions import (
 )
 from azure.storage.blob.aio import BlobServiceClient, ContainerClient, ExponentialRetry
 
-from engine.config import AzureCredentials
+from engine.config import AzureCredentials, AzureStoreConfig
 from engine.store.base import StoreError
 
 # The SDK logs every request and response at INFO (URL with the query redacted, headers with Authorization
@@ -38,6 +38,8 @@ from engine.store.base import StoreError
 _HTTP_LOGGER = logging.getLogger("azure.core.pipeline.policies.http_logging_policy")
 if _HTTP_LOGGER.level == logging.NOTSET:
     _HTTP_LOGGER.setLevel(logging.WARNING)
+
+_log = logging.getLogger(__name__)
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -105,22 +107,63 @@ def service_client(creds: AzureCredentials, scrub: Scrubber, *, label: str, time
                          transient=False) from None
 
 
-async def create_container(container: ContainerClient, error: Any, log: logging.Logger, label: str,
-                           account: str) -> None:
-    """Create the container if it is missing; ``error(op, name, exc)`` maps failures to StoreError."""
-    try:
-        await container.create_container()
-        log.info("%s: created container %r in account %r", label, container.container_name, account)
-    except ResourceExistsError:
-        pass
-    except HttpResponseError as exc:
-        if exc.status_code == 403 and not isinstance(exc, ClientAuthenticationError):
-            # A container-scoped SAS may not create containers; the container may well exist.
-            log.debug("%s: not allowed to create container %r; assuming it exists", label, container.container_name)
-        else:
-            raise error("create", None, exc) from None
-    except Exception as exc:  # noqa: BLE001
-        raise error("create", None, exc) from None
+class AzureContainer:
+    """One container (and name prefix) in a storage account, as the cache store and the seed volumes use it:
+    the client with our retry policy and timeouts, errors that name account, container and blob (never a
+    secret), and creating the container on first use."""
+
+    label = "azure"  # starts every message: which part of blockferry speaks
+    auth_hint = "check the credentials"  # completes a not-authorized message: where they are configured
+
+    def __init__(self, settings: AzureStoreConfig, creds: AzureCredentials, container: str, prefix: str,
+                 **client_options: Any) -> None:
+        self.settings = settings
+        self.container = container
+        self.prefix = prefix
+        self._scrub = Scrubber(creds)
+        self._service = service_client(
+            creds, self._scrub, label=self.label, timeout_s=settings.timeout_s, retry_total=settings.retry_total,
+            retry_initial_ms=settings.retry_initial_ms, retry_max_ms=settings.retry_max_ms,
+            max_single_put_size=int(settings.single_put_max_bytes), max_block_size=int(settings.block_bytes),
+            **client_options)
+        self.account = self._service.account_name or "?"
+        self.client: ContainerClient = self._service.get_container_client(container)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(account={self.account!r}, container={self.container!r}, prefix={self.prefix!r})"
+
+    def missing_is_transient(self, exc: BaseException, name: str | None) -> bool:
+        """Whether a "not found" answer is worth retrying (see :func:`store_error`)."""
+        return False
+
+    def error(self, op: str, name: str | None, exc: BaseException) -> StoreError:
+        """A StoreError for ``exc``: "cannot <op> <prefix><name> in container 'c' of account 'a'", or for the
+        container itself when ``name`` is None."""
+        what = f"{op} {self.prefix}{name}" if name else f"{op} container {self.container!r}"
+        where = f"in container {self.container!r} of account {self.account!r}" if name else \
+            f"of account {self.account!r}"
+        return store_error(exc, label=self.label, what=what, where=where, scrub=self._scrub, hint=self.auth_hint,
+                           missing_is_transient=self.missing_is_transient(exc, name))
+
+    async def create_container(self) -> None:
+        """Create the container if it is missing."""
+        try:
+            await self.client.create_container()
+            _log.info("%s: created container %r in account %r", self.label, self.container, self.account)
+        except ResourceExistsError:
+            pass
+        except HttpResponseError as exc:
+            if exc.status_code == 403 and not isinstance(exc, ClientAuthenticationError):
+                # A container-scoped SAS may not create containers; the container may well exist.
+                _log.debug("%s: not allowed to create container %r; assuming it exists", self.label, self.container)
+            else:
+                raise self.error("create", None, exc) from None
+        except Exception as exc:  # noqa: BLE001
+            raise self.error("create", None, exc) from None
+
+    async def close_clients(self) -> None:
+        await self.client.close()
+        await self._service.close()
 
 
 def store_error(exc: BaseException, *, label: str, what: str, where: str, scrub: Scrubber, missing_is_transient: bool,

@@ -325,7 +325,7 @@ async def test_secrets_are_never_printed(method: str, tmp_path: Path, azurite: A
         errors.append(exc.value)
     # whatever an exception's text holds (an aiohttp error can quote the request URL), the store scrubs it
     leaky = ServiceRequestError(f"Cannot connect to {azurite.blob_endpoint}/c/b?{sas} AccountKey={BAD_KEY};x")
-    errors.append(store._error("upload", name, leaky))
+    errors.append(store.error("upload", name, leaky))
     assert errors[-1].transient is True and "Cannot connect to" in str(errors[-1])
     for error in errors:
         if error is not errors[-1]:

@@ -66,10 +66,10 @@ from typing import Any, TypeVar
 from azure.core import MatchConditions
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
 from azure.storage.blob import ContentSettings
-from azure.storage.blob.aio import BlobClient, BlobLeaseClient, ContainerClient
+from azure.storage.blob.aio import BlobClient, BlobLeaseClient
 
 from engine.applier import ApplierLocked
-from engine.azure_common import Scrubber, backoff_delay, create_container, service_client, store_error
+from engine.azure_common import AzureContainer, backoff_delay
 from engine.config import AzureCredentials, AzureStoreConfig, Config, ConfigError, SeedAzureConfig
 from engine.fsutil import write_durably
 from engine.recovery.volume import Progress, SeedState
@@ -246,26 +246,22 @@ async def bounded(items: Sequence[T], limit: int, fn: Callable[[T], Awaitable[No
 # --------------------------------------------------------------------------------------------- the factory
 
 
-class AzureVolumes:
-    """Opens Azure seed volumes in one container and prefix; holds the applier's lease while in use."""
+class AzureVolumes(AzureContainer):
+    """Opens Azure seed volumes in one container and prefix; holds the applier's lease while in use.
+
+    A "not found" is never transient here: a seed container or blob deleted under us stays lost.
+    """
+
+    label = _LABEL
+    auth_hint = _AUTH_HINT
 
     def __init__(self, store: AzureStoreConfig, seed: SeedAzureConfig, *, lease_id_file: Path | None = None,
                  credentials: AzureCredentials | None = None, holder: str = "") -> None:
-        creds = credentials or store.credentials()
-        self.settings = store
-        self.container = seed.container
-        self.prefix = seed.prefix
+        super().__init__(store, credentials or store.credentials(), seed.container, seed.prefix,
+                         max_single_get_size=READ_SPAN, max_chunk_get_size=READ_SPAN)
         self.max_concurrency = seed.max_concurrency
         self.lease_id_file = lease_id_file
         self.holder = holder or f"{socket.gethostname()} pid {os.getpid()}"
-        self._scrub = Scrubber(creds)
-        self._service = service_client(
-            creds, self._scrub, label=_LABEL, timeout_s=store.timeout_s, retry_total=store.retry_total,
-            retry_initial_ms=store.retry_initial_ms, retry_max_ms=store.retry_max_ms,
-            max_single_put_size=int(store.single_put_max_bytes), max_block_size=int(store.block_bytes),
-            max_single_get_size=READ_SPAN, max_chunk_get_size=READ_SPAN)
-        self.account = self._service.account_name or "?"
-        self.client: ContainerClient = self._service.get_container_client(self.container)
         self._ready = False
         self._ready_lock = asyncio.Lock()
         self._lease: BlobLeaseClient | None = None
@@ -284,9 +280,6 @@ class AzureVolumes:
                               f"environment): {exc}") from None
         return cls(config.store.azure, config.applier.azure, credentials=creds,
                    lease_id_file=config.seed_dir / "azure-lease.id")
-
-    def __repr__(self) -> str:
-        return f"AzureVolumes(account={self.account!r}, container={self.container!r}, prefix={self.prefix!r})"
 
     def __call__(self, disk: str) -> AzureVolume:
         return AzureVolume(self, disk)
@@ -318,8 +311,7 @@ class AzureVolumes:
                 log.warning("%s; it stays with this applier's lease id", self.error("release the lease on",
                                                                                      LOCK_BLOB, exc))
             self._lease = None
-        await self.client.close()
-        await self._service.close()
+        await self.close_clients()
 
     # ------------------------------------------------------------------ the lease
 
@@ -330,7 +322,7 @@ class AzureVolumes:
         async with self._ready_lock:
             if self._ready:
                 return
-            await create_container(self.client, self.error, log, _LABEL, self.account)
+            await self.create_container()
             await self._acquire()
             self._ready = True
             self._watch = asyncio.create_task(self._keep_lease(), name="azure-seed-lease")
@@ -409,13 +401,6 @@ class AzureVolumes:
         return True
 
     # ------------------------------------------------------------------ errors and retries
-
-    def error(self, op: str, name: str | None, exc: BaseException) -> StoreError:
-        what = f"{op} {self.prefix}{name}" if name else f"{op} container {self.container!r}"
-        where = f"in container {self.container!r} of account {self.account!r}" if name else \
-            f"of account {self.account!r}"
-        return store_error(exc, label=_LABEL, what=what, where=where, scrub=self._scrub, hint=_AUTH_HINT,
-                           missing_is_transient=False)  # a seed container or blob deleted under us stays lost
 
     async def persist(self, op: str, name: str, call: Callable[[], Awaitable[T]]) -> T:
         """``call`` (an idempotent write) until it succeeds; transient failures are retried in place."""

@@ -30,9 +30,8 @@ from pathlib import Path
 
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import ContentSettings
-from azure.storage.blob.aio import ContainerClient
 
-from engine.azure_common import Scrubber, create_container, is_container_missing, service_client, store_error
+from engine.azure_common import AzureContainer, is_container_missing
 from engine.config import AzureCredentials, AzureStoreConfig
 from engine.store.base import StoreError
 from protocol import LogBlobError
@@ -41,32 +40,23 @@ from protocol.logblob import HEADER_FIXED, BlobHeader, parse_blob_name
 log = logging.getLogger(__name__)
 
 _HEADER_PEEK = HEADER_FIXED.size + 64  # fixed header + the longest disk id
-_LABEL = "azure store"
-_AUTH_HINT = ("check the account key / SAS token / connection string in store.azure or the environment, and the SAS "
-              "permissions and expiry")
 
 
-class AzureBlobStore:
+class AzureBlobStore(AzureContainer):
     """CacheStore on an Azure storage account (or Azurite)."""
 
+    label = "azure store"
+    auth_hint = ("check the account key / SAS token / connection string in store.azure or the environment, and the "
+                 "SAS permissions and expiry")
+
     def __init__(self, settings: AzureStoreConfig, credentials: AzureCredentials | None = None) -> None:
-        creds = credentials or settings.credentials()
-        self.settings = settings
-        self.container = settings.container
-        self.prefix = settings.prefix
-        self._scrub = Scrubber(creds)
-        self._service = service_client(
-            creds, self._scrub, label=_LABEL, timeout_s=settings.timeout_s, retry_total=settings.retry_total,
-            retry_initial_ms=settings.retry_initial_ms, retry_max_ms=settings.retry_max_ms,
-            max_single_put_size=int(settings.single_put_max_bytes), max_block_size=int(settings.block_bytes),
-            max_single_get_size=32 * 1024 * 1024, max_chunk_get_size=4 * 1024 * 1024)
-        self.account = self._service.account_name or "?"
-        self._container: ContainerClient = self._service.get_container_client(self.container)
+        super().__init__(settings, credentials or settings.credentials(), settings.container, settings.prefix,
+                         max_single_get_size=32 * 1024 * 1024, max_chunk_get_size=4 * 1024 * 1024)
         self._container_ready = False
         self._ready_lock = asyncio.Lock()
 
-    def __repr__(self) -> str:
-        return f"AzureBlobStore(account={self.account!r}, container={self.container!r}, prefix={self.prefix!r})"
+    def missing_is_transient(self, exc: BaseException, name: str | None) -> bool:
+        return is_container_missing(exc) or not name  # a missing container is re-created on the next attempt
 
     # ------------------------------------------------------------------ names
 
@@ -83,57 +73,56 @@ class AzureBlobStore:
         metadata = self._metadata(name, data)
         await self._ensure_container()
         try:
-            await self._container.upload_blob(
+            await self.client.upload_blob(
                 blob, data, overwrite=True, metadata=metadata, max_concurrency=self.settings.max_concurrency,
                 content_settings=ContentSettings(content_type="application/octet-stream"),
             )
         except Exception as exc:  # noqa: BLE001 - every failure leaves as a StoreError
             if is_container_missing(exc):
                 self._container_ready = False  # deleted under us: create it again on the retry
-            raise self._error("upload", name, exc) from None
+            raise self.error("upload", name, exc) from None
 
     async def list_blobs(self) -> list[str]:
         names: list[str] = []
         try:
-            async for blob in self._container.list_blob_names(name_starts_with=self.prefix or None):
+            async for blob in self.client.list_blob_names(name_starts_with=self.prefix or None):
                 name = blob[len(self.prefix):]
                 if parse_blob_name(name) is not None:
                     names.append(name)
         except ResourceNotFoundError:
             return []  # no container yet: nothing was stored
         except Exception as exc:  # noqa: BLE001
-            raise self._error("list", None, exc) from None
+            raise self.error("list", None, exc) from None
         return sorted(names)  # the service lists in this order already; sorting makes it a guarantee
 
     async def get(self, name: str) -> bytes:
         blob = self._blob(name)
         try:
-            downloader = await self._container.download_blob(blob, max_concurrency=self.settings.max_concurrency)
+            downloader = await self.client.download_blob(blob, max_concurrency=self.settings.max_concurrency)
             return await downloader.readall()
         except Exception as exc:  # noqa: BLE001
-            raise self._error("download", name, exc) from None
+            raise self.error("download", name, exc) from None
 
     async def delete(self, name: str) -> None:
         blob = self._blob(name)
         try:
-            await self._container.delete_blob(blob)
+            await self.client.delete_blob(blob)
         except ResourceNotFoundError:
             pass
         except Exception as exc:  # noqa: BLE001
-            raise self._error("delete", name, exc) from None
+            raise self.error("delete", name, exc) from None
 
     async def close(self) -> None:
-        await self._container.close()
-        await self._service.close()
+        await self.close_clients()
 
     # ------------------------------------------------------------------ extras
 
     async def get_metadata(self, name: str) -> dict[str, str]:
         """The blob's metadata (its header fields); raises StoreError if it does not exist."""
         try:
-            props = await self._container.get_blob_client(self._blob(name)).get_blob_properties()
+            props = await self.client.get_blob_client(self._blob(name)).get_blob_properties()
         except Exception as exc:  # noqa: BLE001
-            raise self._error("read the properties of", name, exc) from None
+            raise self.error("read the properties of", name, exc) from None
         return dict(props.metadata or {})
 
     # ------------------------------------------------------------------ internals
@@ -165,17 +154,5 @@ class AzureBlobStore:
         async with self._ready_lock:
             if self._container_ready:
                 return
-            await create_container(self._container, self._error, log, _LABEL, self.account)
+            await self.create_container()
             self._container_ready = True
-
-    def _error(self, op: str, name: str | None, exc: BaseException) -> StoreError:
-        """A StoreError naming account, container and blob, with a scrubbed cause and no secret.
-
-        ``op`` is a verb: "upload <blob> in container 'c' of account 'a'" / "list container 'c' of account 'a'".
-        """
-        what = f"{op} {self.prefix}{name}" if name else f"{op} container {self.container!r}"
-        where = f"in container {self.container!r} of account {self.account!r}" if name else \
-            f"of account {self.account!r}"
-        # a missing container is re-created on the next attempt
-        return store_error(exc, label=_LABEL, what=what, where=where, scrub=self._scrub, hint=_AUTH_HINT,
-                           missing_is_transient=is_container_missing(exc) or not name)
