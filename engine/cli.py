@@ -8,9 +8,8 @@ import logging
 import shutil
 import signal
 import sys
-from pathlib import Path
-
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import aiohttp

@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import queue
+import random
 import time
 from collections import Counter, deque
 from collections.abc import Callable

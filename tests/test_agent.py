@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from engine.server import ProcessServer
 from support import agent_for
+
+from engine.server import ProcessServer
 
 KiB = 1024
 MiB = 1024 * KiB

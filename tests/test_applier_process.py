@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -154,8 +153,8 @@ async def test_another_applier_on_the_seed_fails_the_start_at_once(tmp_path: Pat
 
 async def test_a_dead_servers_applier_process_is_waited_for(tmp_path: Path) -> None:
     config = make_config(tmp_path / "data", applier={"process": True})
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()  # a server pid that no longer runs
+    gone = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await gone.wait()  # a server pid that no longer runs
     orphan = ApplierLock(config.seed_dir)
     orphan.acquire(f"pid {os.getpid()} (blockferry serve ({ROLE} {gone.pid}))")
     asyncio.get_running_loop().call_later(1.0, orphan.release)  # it finishes its last group

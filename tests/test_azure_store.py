@@ -25,16 +25,16 @@ import pytest
 from azure.core.exceptions import ServiceRequestError
 from azure.storage.blob import BlobType, ContainerSasPermissions, generate_container_sas
 from azure.storage.blob.aio import BlobServiceClient
-
 from azurite import ACCOUNT, ACCOUNT_KEY, Azurite
+from faultproxy import FaultProxy
+from support import agent_for, make_config, sha, wait_for, write_random
+
 from engine.config import AZURE_ENV, AzureStoreConfig, ConfigError, parse_config
 from engine.keys import KeyRing
 from engine.server import ProcessServer, build_applier, open_store
 from engine.store import AzureBlobStore, StoreError
 from engine.workload import ContentPool
-from faultproxy import FaultProxy
 from protocol.logblob import BlobHeader, Sealer, blob_name, parse_blob_name, write_record_header
-from support import agent_for, make_config, sha, wait_for, write_random
 
 MiB = 1024 * 1024
 BAD_KEY = base64.b64encode(hashlib.sha512(b"not the account key").digest()).decode()  # valid base64, wrong

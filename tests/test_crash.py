@@ -11,10 +11,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from support import BLOCKFERRY, ServerProcess, agent_for, applied_seq, free_port, state_at, wait_applied, write_config
 
 from engine.workload import ContentPool, random_writes
-from support import (BLOCKFERRY, ServerProcess, agent_for, applied_seq, free_port, state_at, wait_applied,
-                     write_config)
 
 MiB = 1024 * 1024
 

@@ -6,11 +6,19 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from support import (
+    agent_for,
+    backend_sections,
+    delete_containers,
+    make_config,
+    read_seed,
+    seed_state,
+    sha,
+    write_random,
+)
 
 from engine.server import ProcessServer
 from engine.workload import ContentPool
-from support import (agent_for, backend_sections, delete_containers, make_config, read_seed, seed_state, sha,
-                     write_random)
 
 MiB = 1024 * 1024
 

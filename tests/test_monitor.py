@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
+from support import agent_for, make_config, wait_for
 
 from engine.auth import DEFAULT_AGENT, read_token
 from engine.config import Config
@@ -39,7 +40,6 @@ from protocol import (
     Write,
 )
 from protocol.logblob import BlobHeader, blob_name
-from support import agent_for, make_config, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
