@@ -34,6 +34,7 @@ import signal
 import struct
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from engine.aio import run_loop
@@ -56,7 +57,11 @@ class ApplierProcessError(RuntimeError):
 class ApplierProcess:
     """The server side: one child at a time, restarted with back-off if it dies."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, on_applied: Callable[[str, int], None] | None = None,
+                 on_failed: Callable[[str, str], None] | None = None) -> None:
+        """``on_applied(disk, seq)`` and ``on_failed(disk, reason)`` hear what the child reports."""
+        self._on_applied = on_applied
+        self._on_failed = on_failed
         http = config.http.model_copy(update={"port": config.applier.http_port})
         self._child_config = config.model_copy(update={"http": http})
         self.applied: dict[str, int] = {}  # disk → applied sequence, as the child reports it
@@ -162,8 +167,12 @@ class ApplierProcess:
                 ready.set_result(None)
         elif "applied" in message:
             self.applied[message["disk"]] = message["applied"]
+            if self._on_applied is not None:
+                self._on_applied(message["disk"], message["applied"])
         elif "failed" in message:
             self.failed[message["disk"]] = message["failed"]
+            if self._on_failed is not None:
+                self._on_failed(message["disk"], message["failed"])
 
 
 # ---------------------------------------------------------------- the child

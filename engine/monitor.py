@@ -27,10 +27,14 @@ recoverable lag (the RPO)
     for a separate ``blockferry apply``; the blobs' whole wait if the applier was
     restarted while they were pending).
 
-    Each process reports what it can see: ``serve`` with the embedded applier
-    sees all three stages; ``serve`` without it sees ingest and upload only, and
-    ``apply`` sees apply only (``DiskHealth.observed`` says which). Alerting from
-    both processes covers the whole path.
+    Each process reports what it can see: ``serve`` with its applier (on its
+    loop, or — the default — as its child process, which reports every applied
+    sequence back) sees all three stages, the apply part of a child's blobs
+    measured from when the batch arrived (exact, except blobs stored by an
+    earlier run, counted from the first report); ``serve`` without an applier
+    sees ingest and upload only, and ``apply`` sees apply only
+    (``DiskHealth.observed`` says which). Alerting from both processes covers the
+    whole path.
 
 stage behind
     where the oldest unrecoverable write waits: ``"ingest"`` (batching or sealing)
@@ -130,7 +134,7 @@ class DiskHealth:
     last_point_kind: str | None = None
     last_point_source_us: int | None = None
     failure: str | None = None  # why the applier stopped this disk
-    observed: tuple[str, ...] = ()  # "server" and/or "applier"
+    observed: tuple[str, ...] = ()  # "server", "applier" and/or "applier process" (serve's child)
 
     @property
     def rpo_exceeded(self) -> bool:
@@ -285,6 +289,14 @@ class Monitor:
             failure = a.failures.get(disk)
             if failure is not None:
                 h.failure = f"blob {failure.blob}: {failure.reason}"
+        elif stream is not None and self.pipeline is not None and self.pipeline.track_applied:
+            observed.append("applier process")  # serve's own child: what it reports, and what it has not applied
+            h.applied_seq = stream.applied_seq
+            unapplied = stream.oldest_unapplied_us()
+            if unapplied is not None:
+                oldest["apply"] = unapplied
+            if stream.apply_failure is not None:
+                h.failure = stream.apply_failure
         h.observed = tuple(observed)
         if oldest:
             h.stage = min(oldest, key=lambda stage: (oldest[stage], STAGES.index(stage)))

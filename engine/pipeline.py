@@ -111,6 +111,25 @@ class DiskStream:
         self.listeners: dict[object, AckListener] = {}
         self.received_bytes = 0
         self.sealed_bytes = 0
+        # With serve's applier process (Pipeline.track_applied): stored batches it has not applied yet,
+        # (last_seq, created_us), so this server can tell the whole recoverable lag, and what it reported.
+        self.unapplied: deque[tuple[int, int]] = deque()
+        self.applied_seq: int | None = None
+        self._stored_at_start = durable_seq
+        self.apply_failure: str | None = None
+
+    def note_applied(self, seq: int) -> None:
+        if self.applied_seq is None and seq < self._stored_at_start:
+            # stored by an earlier run and not applied yet: when they arrived is not known here, so they
+            # count from now (an underestimate, until they are applied)
+            self.unapplied.appendleft((self._stored_at_start, time.time_ns() // 1000))
+        self.applied_seq = seq
+        while self.unapplied and self.unapplied[0][0] <= seq:
+            self.unapplied.popleft()
+
+    def oldest_unapplied_us(self) -> int | None:
+        """Server-clock arrival of the oldest stored write the applier process has not applied."""
+        return self.unapplied[0][1] if self.unapplied else None
 
     def batches(self) -> list[Batch]:
         """Everything accepted but not yet in the cache store, oldest first."""
@@ -172,6 +191,7 @@ class Pipeline:
         self.paused = False
         self.flow_listeners: set[FlowListener] = set()
         self.stored_listeners: list[Callable[[], None]] = []
+        self.track_applied = False  # keep DiskStream.unapplied (serve sets it when its applier is a child process)
         self.stats = PipelineStats()
         self._executor = ThreadPoolExecutor(config.seal_threads, thread_name_prefix="seal")
         self._spare_buffers = 2 * config.seal_threads  # sealed-blob buffers kept for reuse (per blob: no os calls)
@@ -437,6 +457,9 @@ class Pipeline:
                 done.append(stream.uploading.popleft())
             if done:
                 stream.uploaded_seq = max(stream.uploaded_seq, done[-1].last_seq)
+                if self.track_applied:  # unless the applier was quicker than this bookkeeping
+                    stream.unapplied.extend((b.last_seq, b.created_us) for b in done
+                                            if stream.applied_seq is None or b.last_seq > stream.applied_seq)
                 self.watermarks.seqs[stream.info.disk] = stream.uploaded_seq
                 released += done
         if not released:
@@ -457,6 +480,18 @@ class Pipeline:
                 return
             self._watermarks_dirty = False
             await asyncio.to_thread(self.watermarks.save, dict(self.watermarks.seqs))
+
+    # ------------------------------------------------------------ what the applier process reports
+
+    def note_applied(self, disk: str, seq: int) -> None:
+        stream = self.streams.get(disk)
+        if stream is not None:
+            stream.note_applied(seq)
+
+    def note_apply_failure(self, disk: str, reason: str) -> None:
+        stream = self.streams.get(disk)
+        if stream is not None:
+            stream.apply_failure = reason
 
     # ------------------------------------------------------------ flow control
 

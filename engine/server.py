@@ -127,7 +127,9 @@ class ProcessServer:
         self.pipeline = Pipeline(cfg, Sealer(keys.current), spool, self.store, watermarks)
         await self.pipeline.start(list(disks))
         if self.run_applier and cfg.applier.process:
-            self.applier_process = ApplierProcess(cfg)
+            self.pipeline.track_applied = True  # so this server's monitor knows the whole recoverable lag
+            self.applier_process = ApplierProcess(cfg, on_applied=self.pipeline.note_applied,
+                                                  on_failed=self.pipeline.note_apply_failure)
             await self.applier_process.start()
             self.pipeline.stored_listeners.append(self.applier_process.notify)
         elif self.run_applier:

@@ -24,6 +24,7 @@ from support import (
 
 from engine.applier import ApplierLock, ApplierLocked
 from engine.applier_process import ROLE, ApplierProcessError
+from engine.monitor import DiskHealth
 from engine.recovery.service import RemoteRecovery, admin_token, running_admin_url
 from engine.server import ProcessServer
 from engine.workload import ContentPool
@@ -165,3 +166,28 @@ async def test_a_dead_servers_applier_process_is_waited_for(tmp_path: Path) -> N
         assert not _lock_is_free(config.seed_dir)
     finally:
         await server.close()
+
+
+async def test_the_servers_monitor_sees_what_its_applier_process_has_not_applied(tmp_path: Path) -> None:
+    """The RPO on serve's own /metrics covers the apply stage too when the applier is its child."""
+    data = tmp_path / "data"
+    config = make_config(data, applier={"process": True}, batch={"linger_ms": 1},
+                         policy={"crash_point_interval_ms": 3000})  # the second write waits 3 s to be applied
+    async with ProcessServer(config) as server:
+        assert server.control is not None and server.connect_info is not None
+        monitor = server.control.monitor
+
+        def health() -> DiskHealth:
+            return next(h for h in monitor.snapshot() if h.disk == "d")
+
+        async with agent_for(data, server.connect_info.port) as agent:
+            disk = await agent.open_disk("d", 8 * MiB)
+            await asyncio.wait_for(await disk.write(0, b"a" * 4096), T)
+            await wait_for(lambda: server.applied_seq("d") == 1, "the first write applied")
+            await asyncio.wait_for(await disk.write(4096, b"b" * 4096), T)
+            held = await wait_for(lambda: (h := health()).stage == "apply" and h.recoverable_lag_s >= 0.5 and h,
+                                  "the server to see the write waiting in its applier process")
+            assert held.applied_seq == 1 and held.ingest_lag_s == 0 and "applier process" in held.observed
+            await wait_for(lambda: server.applied_seq("d") == 2, "the second write applied")
+            done = health()
+            assert (done.recoverable_lag_s, done.stage, done.applied_seq) == (0, None, 2)
