@@ -226,7 +226,8 @@ async def _child(config: Config, report_fd: int) -> None:
     def send(message: dict[str, object]) -> None:
         report.write(json.dumps(message).encode() + b"\n")  # buffered by the transport: never blocks the loop
 
-    service = ApplierService(config, f"blockferry serve ({ROLE} {os.getppid()})")
+    # serve alerts on the whole path (this process reports what it applies): alerting here too would double them
+    service = ApplierService(config, f"blockferry serve ({ROLE} {os.getppid()})", alerts=False)
     await service.start(wait_while=orphaned)
     applier = service.applier
     assert applier is not None and service.runner is not None

@@ -24,9 +24,10 @@ LOCK_RETRY_S = 0.2
 
 
 class ApplierService:
-    def __init__(self, config: Config, role: str) -> None:
+    def __init__(self, config: Config, role: str, *, alerts: bool = True) -> None:
         self.config = config
         self.role = role
+        self.alerts = alerts
         self.applier: Applier | None = None
         self.control: ControlPlane | None = None
         self.runner: asyncio.Task[None] | None = None
@@ -58,7 +59,7 @@ class ApplierService:
             self._store = open_store(self.config)
             self.applier = build_applier(self.config, self._store, keys)
             await self.applier.open_existing()  # an Azure seed takes its lease here
-            self.control = ControlPlane(self.config, None, self.applier, self._lock, self.role)
+            self.control = ControlPlane(self.config, None, self.applier, self._lock, self.role, alerts=self.alerts)
             await self.control.start()
         except BaseException:
             await self.close()

@@ -23,9 +23,9 @@ from engine.recovery.service import LocalRecovery, admin_token
 
 class ControlPlane:
     def __init__(self, config: Config, pipeline: Pipeline | None, applier: Applier | None,
-                 lock: ApplierLock | None, role: str) -> None:
+                 lock: ApplierLock | None, role: str, *, alerts: bool = True) -> None:
         self.config = config
-        self.monitor = Monitor(config, pipeline, applier)
+        self.monitor = Monitor(config, pipeline, applier, alerts=alerts)
         self.applier = applier
         self.lock = lock
         self.role = role

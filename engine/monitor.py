@@ -193,8 +193,10 @@ WEBHOOK_BACKLOG = 100  # alert events waiting for the webhook before new ones ar
 class Monitor:
     def __init__(self, config: Config, pipeline: Pipeline | None, applier: Applier | None, *,
                  interval_s: float = 1.0, churn_window_s: float = 10.0, upload_failing_s: float = 60.0,
-                 clear_ratio: float = 0.8) -> None:
+                 clear_ratio: float = 0.8, alerts: bool = True) -> None:
+        """``alerts=False``: observe and report, never alert (serve's applier process: serve alerts for it)."""
         self.config = config
+        self.alerts = alerts
         self.pipeline = pipeline
         self.applier = applier
         self.interval_s = interval_s
@@ -388,7 +390,7 @@ class Monitor:
             while True:
                 try:
                     self.observe()
-                    for event in self.evaluate():
+                    for event in self.evaluate() if self.alerts else ():
                         self.emit(event)
                 except Exception:  # a bug here must not end monitoring for good
                     log.exception("monitor: alert pass failed")

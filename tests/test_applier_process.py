@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import signal
 import socket
@@ -168,11 +170,14 @@ async def test_a_dead_servers_applier_process_is_waited_for(tmp_path: Path) -> N
         await server.close()
 
 
-async def test_the_servers_monitor_sees_what_its_applier_process_has_not_applied(tmp_path: Path) -> None:
-    """The RPO on serve's own /metrics covers the apply stage too when the applier is its child."""
+async def test_the_servers_monitor_sees_what_its_applier_process_has_not_applied(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+    """The RPO on serve's own /metrics covers the apply stage too when the applier is its child, and serve
+    alerts for it (once: the child does not)."""
+    caplog.set_level(logging.INFO, logger="blockferry.alerts")
     data = tmp_path / "data"
-    config = make_config(data, applier={"process": True}, batch={"linger_ms": 1},
-                         policy={"crash_point_interval_ms": 3000})  # the second write waits 3 s to be applied
+    config = make_config(data, applier={"process": True}, batch={"linger_ms": 1},  # the second write waits
+                         policy={"crash_point_interval_ms": 3000, "rpo_threshold_s": 1.0})  # 3 s to be applied
     async with ProcessServer(config) as server:
         assert server.control is not None and server.connect_info is not None
         monitor = server.control.monitor
@@ -191,3 +196,6 @@ async def test_the_servers_monitor_sees_what_its_applier_process_has_not_applied
             await wait_for(lambda: server.applied_seq("d") == 2, "the second write applied")
             done = health()
             assert (done.recoverable_lag_s, done.stage, done.applied_seq) == (0, None, 2)
+    alerts = [json.loads(r.getMessage())["event"] for r in caplog.records if r.name == "blockferry.alerts"]
+    assert alerts[:1] == ["rpo_exceeded"], alerts  # serve's own alert, for a write waiting in its child
+    assert "rpo_exceeded" not in capfd.readouterr().err, "the applier process alerted too"
