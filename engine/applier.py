@@ -91,6 +91,7 @@ class Applier:
         self.disks: dict[str, DiskState] = {}
         self.applied_listeners: list[Callable[[str, int], None]] = []
         self.failure_listeners: list[Callable[[ApplyFailure], None]] = []
+        self.committed_listeners: list[Callable[[str], None]] = []  # a failover of this disk was committed
         self.stats = ApplierStats()
         self.first_seen: dict[str, dict[str, int]] = {}  # disk → pending blob → when this applier first saw it
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="apply")

@@ -14,8 +14,9 @@ The channel is two pipes:
   wake-up. **EOF means the server is gone**: the child stops, so a kill -9 of
   ``serve`` leaves no orphan applier holding the seed lock;
 - a **report pipe** from the child carries JSON lines: ``ready``, then the
-  applied sequence per disk after every apply group and a disk's failure, so the
-  server can drain and the demo can report without reading the seed itself.
+  applied sequence per disk after every apply group, a disk's failure and a
+  committed failover, so the server can drain, refuse a committed disk (wherever
+  the seed lives) and measure the whole recoverable lag without reading the seed.
 
 The child is ``blockferry apply`` in all but its start: the same ApplierService,
 its own control plane on ``applier.http_port`` (recovery commands find it through
@@ -66,6 +67,7 @@ class ApplierProcess:
         self._child_config = config.model_copy(update={"http": http})
         self.applied: dict[str, int] = {}  # disk → applied sequence, as the child reports it
         self.failed: dict[str, str] = {}  # disk → why the child stopped applying it
+        self.committed: set[str] = set()  # disks whose failover was committed: replication has stopped
         self.restarts = 0
         self.pid: int | None = None
         self._proc: asyncio.subprocess.Process | None = None
@@ -169,6 +171,8 @@ class ApplierProcess:
             self.applied[message["disk"]] = message["applied"]
             if self._on_applied is not None:
                 self._on_applied(message["disk"], message["applied"])
+        elif "committed" in message:
+            self.committed.add(message["disk"])
         elif "failed" in message:
             self.failed[message["disk"]] = message["failed"]
             if self._on_failed is not None:
@@ -233,8 +237,11 @@ async def _child(config: Config, report_fd: int) -> None:
     assert applier is not None and service.runner is not None
     applier.applied_listeners.append(lambda disk, seq: send({"disk": disk, "applied": seq}))
     applier.failure_listeners.append(lambda failure: send({"disk": failure.disk, "failed": failure.reason}))
-    for disk in applier.disks:
+    applier.committed_listeners.append(lambda disk: send({"disk": disk, "committed": True}))
+    for disk, d in applier.disks.items():
         send({"disk": disk, "applied": applier.applied_seq(disk)})
+        if d.state.committed_failover:
+            send({"disk": disk, "committed": True})
     send({"ready": os.getpid()})
 
     def on_wake() -> None:

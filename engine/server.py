@@ -161,6 +161,8 @@ class ProcessServer:
         """A disk whose failover was committed no longer accepts writes."""
         if self.applier is not None and disk in self.applier.disks:
             return self.applier.disks[disk].state.committed_failover
+        if self.applier_process is not None and disk in self.applier_process.committed:
+            return True
         state = self.config.seed_dir / f"{disk}.state.json"
         return state.exists() and json.loads(state.read_text()).get("committed_failover", False)
 

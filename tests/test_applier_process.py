@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 from support import (
+    SEED_BACKENDS,
     ServerProcess,
     agent_for,
+    backend_sections,
+    delete_containers,
     free_port,
     make_config,
     read_seed,
@@ -24,10 +27,11 @@ from support import (
     write_random,
 )
 
+from engine.agent import AgentError
 from engine.applier import ApplierLock, ApplierLocked
 from engine.applier_process import ROLE, ApplierProcessError
 from engine.monitor import DiskHealth
-from engine.recovery.service import RemoteRecovery, admin_token, running_admin_url
+from engine.recovery.service import RemoteRecovery, admin_token, open_recovery, running_admin_url
 from engine.server import ProcessServer
 from engine.workload import ContentPool
 
@@ -199,3 +203,31 @@ async def test_the_servers_monitor_sees_what_its_applier_process_has_not_applied
     alerts = [json.loads(r.getMessage())["event"] for r in caplog.records if r.name == "blockferry.alerts"]
     assert alerts[:1] == ["rpo_exceeded"], alerts  # serve's own alert, for a write waiting in its child
     assert "rpo_exceeded" not in capfd.readouterr().err, "the applier process alerted too"
+
+
+@pytest.mark.parametrize("seed", SEED_BACKENDS)
+async def test_a_failover_committed_in_the_applier_process_stops_replication(
+        tmp_path: Path, seed: str, request: pytest.FixtureRequest) -> None:
+    """Wherever the seed lives (with an Azure seed the server cannot read its state), the child tells the
+    server, which then refuses the disk."""
+    data = tmp_path / "data"
+    azurite = request.getfixturevalue("azurite") if seed == "azure" else None
+    config = make_config(data, backend_sections(azurite, seed=seed, label="commit"), applier={"process": True})
+    source = bytearray(4 * MiB)
+    try:
+        async with ProcessServer(config) as server:
+            assert server.connect_info is not None
+            async with agent_for(data, server.connect_info.port) as agent:
+                await agent.open_disk("vm", len(source))
+                await _write(agent, "vm", source, ContentPool(4 * MiB), seed=6)
+                await asyncio.wait_for(server.drain(), T)
+            async with open_recovery(config) as recovery:  # the child's admin API
+                assert isinstance(recovery, RemoteRecovery)
+                await recovery.failover("vm", "latest", tmp_path / "vm.img", test=False)
+                assert await recovery.commit("vm") >= 0
+            assert (tmp_path / "vm.img").read_bytes() == source
+            async with agent_for(data, server.connect_info.port) as again:
+                with pytest.raises(AgentError, match="committed"):
+                    await asyncio.wait_for(again.open_disk("vm", len(source)), 10)
+    finally:
+        await delete_containers(config)

@@ -99,4 +99,6 @@ async def commit(applier: Applier, disk: str) -> int:
             await d.volume.delete_entry(str(name))
         released = len(d.entries)
         d.entries.clear()
+    for listener in applier.committed_listeners:
+        listener(disk)
     return released
