@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 UPLOAD_GROUP = 64  # blobs one upload worker takes from the queue at once
 SPOOL_IO_THREADS = 16  # spool writes + fsyncs in flight at once
+WATERMARK_SAVE_INTERVAL_S = 0.1  # upload watermarks are saved at most this often
 
 
 def _unlink_all(paths: list[Path]) -> None:
@@ -202,6 +203,7 @@ class Pipeline:
         self._uploaders: list[asyncio.Task[None]] = []
         self._watermark_lock = asyncio.Lock()
         self._watermarks_dirty = False
+        self._last_watermark_save = 0.0  # monotonic
         self._max_inflight = int(config.pipeline.max_inflight_bytes)
         self._max_batch = int(config.batch.max_bytes)
         self._linger = config.batch.linger_ms / 1000
@@ -464,22 +466,32 @@ class Pipeline:
                 released += done
         if not released:
             return
+        for notify in self.stored_listeners:  # in the store: the applier may take them now
+            notify()
         await self._save_watermarks()
         # only now may the spool forget them
         await asyncio.to_thread(_unlink_all, [batch.path for batch in released if batch.path is not None])
         self.spool.used_bytes -= sum(batch.size for batch in released)
-        for notify in self.stored_listeners:
-            notify()
         self._update_flow()
 
     async def _save_watermarks(self) -> None:
-        """Persist the upload watermarks; callers that arrive during a save share the next one."""
+        """Persist the upload watermarks; callers that arrive during a save share the next one.
+
+        Saves are at least WATERMARK_SAVE_INTERVAL_S apart: each one is a new file (write, fsync, rename),
+        and creating files past thousands of recently deleted ones is what ext4 charges most for here
+        (inode allocation was the top kernel symbol of serve at low load). Only the spool's clean-up
+        waits for a save — never an acknowledgement, and not the applier (woken before).
+        """
         self._watermarks_dirty = True
         async with self._watermark_lock:
             if not self._watermarks_dirty:  # a save that began after our update already covered it
                 return
+            wait = self._last_watermark_save + WATERMARK_SAVE_INTERVAL_S - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)  # the updates of this interval join this save
             self._watermarks_dirty = False
             await asyncio.to_thread(self.watermarks.save, dict(self.watermarks.seqs))
+            self._last_watermark_save = time.monotonic()
 
     # ------------------------------------------------------------ what the applier process reports
 

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from engine.disks import DiskInfo
-from engine.pipeline import Pipeline
+from engine.pipeline import WATERMARK_SAVE_INTERVAL_S, Pipeline
 from engine.spool import Spool, UploadWatermarks
 from engine.store import LocalStore
 from protocol import Write
@@ -116,5 +116,42 @@ async def test_a_full_spool_delays_the_ack_until_the_blob_is_written(tmp_path: P
         await pipeline.drain()
         assert pipeline.stats.spool_errors == 2 and acked == [2] and stream.durable_seq == 2
         assert await store.list_blobs() == [blob_name("d", 1, 2)]
+    finally:
+        await pipeline.close()
+
+
+class CountingWatermarks(UploadWatermarks):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.saves = 0
+
+    def save(self, snapshot: dict[str, int]) -> None:
+        self.saves += 1
+        super().save(snapshot)
+
+
+async def test_watermark_saves_are_coalesced_but_nothing_waits_for_them(tmp_path: Path) -> None:
+    """One blob per write (linger 1 ms, writes 5 ms apart): the store and its listeners see every blob at
+    once, while the watermark file is rewritten at most every WATERMARK_SAVE_INTERVAL_S."""
+    config = make_config(tmp_path / "data", batch={"linger_ms": 1})
+    watermarks = CountingWatermarks(config.state_dir / "uploaded.json")
+    store = LocalStore(config.store_dir)
+    pipeline = Pipeline(config, Sealer(KEY), Spool(config.spool_dir, 1 << 30), store, watermarks)
+    await pipeline.start([DiskInfo("d", "agent-1", 1 << 20, 4096)])
+    stored: list[int] = []
+    pipeline.stored_listeners.append(lambda: stored.append(pipeline.streams["d"].uploaded_seq))
+    try:
+        stream = pipeline.streams["d"]
+        started = asyncio.get_running_loop().time()
+        for seq in range(1, 101):
+            assert pipeline.accept_write(stream, Write.make(1, seq, 512 * seq, bytes([seq]) * 512, 0))
+            await asyncio.sleep(0.005)
+        await pipeline.drain()
+        elapsed = asyncio.get_running_loop().time() - started
+        assert len(await store.list_blobs()) > 30, "expected (nearly) one blob per write"
+        assert stored[-1] == 100, "the store's listeners heard of the last upload without waiting for a save"
+        assert watermarks.saves <= elapsed / WATERMARK_SAVE_INTERVAL_S + 2, (watermarks.saves, elapsed)
+        await asyncio.sleep(2 * WATERMARK_SAVE_INTERVAL_S)  # the last save lands
+        assert UploadWatermarks(config.state_dir / "uploaded.json").seqs == {"d": 100}
     finally:
         await pipeline.close()
