@@ -7,13 +7,14 @@ import errno
 import os
 from pathlib import Path
 
+from support import make_config
+
 from engine.disks import DiskInfo
 from engine.pipeline import WATERMARK_SAVE_INTERVAL_S, Pipeline
 from engine.spool import Spool, UploadWatermarks
 from engine.store import LocalStore
 from protocol import Write
 from protocol.logblob import BlobHeader, Sealer, blob_name, write_record_header
-from support import make_config
 
 KEY = bytes(range(32))
 
