@@ -58,15 +58,14 @@ class ApplierProcessError(RuntimeError):
 class ApplierProcess:
     """The server side: one child at a time, restarted with back-off if it dies."""
 
-    def __init__(self, config: Config, *, on_applied: Callable[[str, int], None] | None = None,
-                 on_failed: Callable[[str, str], None] | None = None) -> None:
-        """``on_applied(disk, seq)`` and ``on_failed(disk, reason)`` hear what the child reports."""
+    def __init__(self, config: Config, *, on_applied: Callable[[str, int], None],
+                 on_failed: Callable[[str, str], None]) -> None:
+        """``on_applied(disk, seq)`` and ``on_failed(disk, reason)`` hear what the child reports (the
+        server keeps it with each disk's stream: Pipeline.note_applied / note_apply_failure)."""
         self._on_applied = on_applied
         self._on_failed = on_failed
         http = config.http.model_copy(update={"port": config.applier.http_port})
         self._child_config = config.model_copy(update={"http": http})
-        self.applied: dict[str, int] = {}  # disk → applied sequence, as the child reports it
-        self.failed: dict[str, str] = {}  # disk → why the child stopped applying it
         self.committed: set[str] = set()  # disks whose failover was committed: replication has stopped
         self.restarts = 0
         self.pid: int | None = None
@@ -168,15 +167,11 @@ class ApplierProcess:
             if not ready.done():
                 ready.set_result(None)
         elif "applied" in message:
-            self.applied[message["disk"]] = message["applied"]
-            if self._on_applied is not None:
-                self._on_applied(message["disk"], message["applied"])
+            self._on_applied(message["disk"], message["applied"])
         elif "committed" in message:
             self.committed.add(message["disk"])
         elif "failed" in message:
-            self.failed[message["disk"]] = message["failed"]
-            if self._on_failed is not None:
-                self._on_failed(message["disk"], message["failed"])
+            self._on_failed(message["disk"], message["failed"])
 
 
 # ---------------------------------------------------------------- the child

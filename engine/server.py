@@ -184,18 +184,16 @@ class ProcessServer:
         """The disk's applied sequence as this server's applier (in-process or child) last reported it."""
         if self.applier is not None:
             return self.applier.applied_seq(disk)
-        if self.applier_process is not None:
-            return self.applier_process.applied.get(disk, 0)
-        return 0
+        stream = self.pipeline.streams.get(disk) if self.pipeline is not None else None
+        return (stream.applied_seq or 0) if stream is not None else 0
 
     async def drain(self) -> None:
         """Wait until everything accepted is durable and uploaded (and applied, if embedded)."""
         assert self.pipeline is not None
         await self.pipeline.drain()
         if self.applier_process is not None:
-            process = self.applier_process
-            while not all(self.applied_seq(d) >= s.durable_seq or d in process.failed
-                          for d, s in self.pipeline.streams.items()):
+            while not all((s.applied_seq or 0) >= s.durable_seq or s.apply_failure is not None
+                          for s in self.pipeline.streams.values()):
                 await asyncio.sleep(0.02)
         if self.applier is not None:
             while True:

@@ -52,7 +52,7 @@ class Spool:
         return self.directory / name
 
     def write(self, name: str, data: memoryview) -> Path:
-        """Blocking: persist one sealed blob (called from a seal worker thread)."""
+        """Blocking: persist one sealed blob (called from a spool worker thread)."""
         path = self.path_of(name)
         path.parent.mkdir(exist_ok=True)
         write_durably(path, data, fsync=self.fsync, mode=0o600)
