@@ -11,7 +11,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,31 @@ from azurite import Azurite
 from engine.agent import Agent
 from engine.auth import DEFAULT_AGENT, read_token
 from engine.config import Config
+from engine.disks import DiskInfo
+from engine.pipeline import Pipeline
+from engine.spool import Spool, UploadWatermarks
+from engine.store import LocalStore
 from engine.tls import client_context
 from engine.workload import ContentPool, random_writes
 from protocol import TagKind
+from protocol.logblob import Sealer
 
 BLOCKFERRY = str(Path(sys.executable).parent / "blockferry")
 MiB = 1024 * 1024
+
+
+@asynccontextmanager
+async def running_pipeline(config: Config, *, spool: Spool | None = None, watermarks: UploadWatermarks | None = None,
+                           disk_size: int = 1 << 20, key: bytes = bytes(range(32))) -> AsyncIterator[Pipeline]:
+    """A started pipeline for disk "d" (real spool, local cache store and watermark file under ``config``),
+    closed on exit; the store is ``pipeline.store``."""
+    pipeline = Pipeline(config, Sealer(key), spool or Spool(config.spool_dir, 1 << 30), LocalStore(config.store_dir),
+                        watermarks or UploadWatermarks(config.state_dir / "uploaded.json"))
+    await pipeline.start([DiskInfo("d", "agent-1", disk_size, 4096)])
+    try:
+        yield pipeline
+    finally:
+        await pipeline.close()
 
 
 def sha(data: bytes | bytearray) -> str:

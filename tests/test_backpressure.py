@@ -5,14 +5,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from support import make_config
+from support import make_config, running_pipeline
 
-from engine.disks import DiskInfo
 from engine.pipeline import Pipeline
-from engine.spool import Spool, UploadWatermarks
-from engine.store import LocalStore
 from protocol import Write
-from protocol.logblob import Sealer
 
 MiB = 1024 * 1024
 LIMIT = 8 * MiB
@@ -35,12 +31,9 @@ class Recorder:
 async def test_reading_pauses_at_the_limit_and_resumes_below_three_quarters(tmp_path: Path) -> None:
     config = make_config(tmp_path / "data", batch={"max_bytes": 1 * MiB, "linger_ms": 1},
                          pipeline={"max_inflight_bytes": LIMIT})
-    pipeline = Pipeline(config, Sealer(bytes(32)), Spool(config.spool_dir, 1 << 30), LocalStore(config.store_dir),
-                        UploadWatermarks(config.state_dir / "uploaded.json"))
-    await pipeline.start([DiskInfo("d", "agent-1", 256 * MiB, 4096)])
-    recorder = Recorder(pipeline)
-    pipeline.flow_listeners.add(recorder)
-    try:
+    async with running_pipeline(config, disk_size=256 * MiB) as pipeline:
+        recorder = Recorder(pipeline)
+        pipeline.flow_listeners.add(recorder)
         stream = pipeline.streams["d"]
         payload = bytes(range(256)) * 256  # 64 KiB
         for seq in range(1, 1025):  # 64 MiB: eight times the limit
@@ -48,8 +41,6 @@ async def test_reading_pauses_at_the_limit_and_resumes_below_three_quarters(tmp_
                 await asyncio.sleep(0.001)
             pipeline.accept_write(stream, Write.make(1, seq, (seq - 1) * len(payload), payload, 0))
         await pipeline.drain()
-    finally:
-        await pipeline.close()
     pauses = [inflight for event, inflight in recorder.events if event == "pause"]
     resumes = [inflight for event, inflight in recorder.events if event == "resume"]
     assert len(pauses) >= 2 and len(resumes) >= 2, recorder.events

@@ -7,12 +7,10 @@ import errno
 import os
 from pathlib import Path
 
-from support import make_config
+from support import make_config, running_pipeline
 
-from engine.disks import DiskInfo
-from engine.pipeline import WATERMARK_SAVE_INTERVAL_S, Pipeline
+from engine.pipeline import WATERMARK_SAVE_INTERVAL_S
 from engine.spool import Spool, UploadWatermarks
-from engine.store import LocalStore
 from protocol import Write
 from protocol.logblob import BlobHeader, Sealer, blob_name, write_record_header
 
@@ -31,20 +29,14 @@ async def test_a_blob_after_a_hole_was_never_acknowledged(tmp_path: Path) -> Non
     spool = Spool(config.spool_dir, 1 << 30)
     first = spool_blob(spool, 1, 2)
     after_hole = spool_blob(spool, 5, 6)
-    store = LocalStore(config.store_dir)
-    pipeline = Pipeline(config, Sealer(KEY), Spool(config.spool_dir, 1 << 30), store,
-                        UploadWatermarks(config.state_dir / "uploaded.json"))
-    await pipeline.start([DiskInfo("d", "agent-1", 1 << 20, 4096)])
-    try:
+    async with running_pipeline(config, key=KEY) as pipeline:
         stream = pipeline.streams["d"]
         assert stream.durable_seq == 2, "resume after the contiguous prefix, so the agent resends 3.."
         assert not after_hole.exists()
         await pipeline.drain()
-        assert await store.list_blobs() == [blob_name("d", 1, 2)]
+        assert await pipeline.store.list_blobs() == [blob_name("d", 1, 2)]
         assert not first.exists(), "uploaded blobs leave the spool"
         assert pipeline.watermarks.seqs == {"d": 2}
-    finally:
-        await pipeline.close()
 
 
 async def test_uploaded_blobs_left_in_the_spool_are_not_uploaded_again(tmp_path: Path) -> None:
@@ -54,17 +46,11 @@ async def test_uploaded_blobs_left_in_the_spool_are_not_uploaded_again(tmp_path:
     spool_blob(spool, 3, 4)
     watermarks = UploadWatermarks(config.state_dir / "uploaded.json")
     watermarks.save({"d": 2})  # the crash came after the watermark, before the spool removal
-    store = LocalStore(config.store_dir)
-    pipeline = Pipeline(config, Sealer(KEY), Spool(config.spool_dir, 1 << 30), store,
-                        UploadWatermarks(config.state_dir / "uploaded.json"))
-    await pipeline.start([DiskInfo("d", "agent-1", 1 << 20, 4096)])
-    try:
+    async with running_pipeline(config, key=KEY) as pipeline:
         assert pipeline.streams["d"].durable_seq == 4
         assert not old.exists()
         await pipeline.drain()
-        assert await store.list_blobs() == [blob_name("d", 3, 4)]
-    finally:
-        await pipeline.close()
+        assert await pipeline.store.list_blobs() == [blob_name("d", 3, 4)]
 
 
 async def test_a_damaged_spool_file_is_kept_aside_not_uploaded(tmp_path: Path) -> None:
@@ -73,17 +59,11 @@ async def test_a_damaged_spool_file_is_kept_aside_not_uploaded(tmp_path: Path) -
     spool_blob(spool, 1, 2)
     damaged = spool_blob(spool, 3, 4)
     damaged.write_bytes(b"not a blob" + damaged.read_bytes()[10:])  # bad magic
-    store = LocalStore(config.store_dir)
-    pipeline = Pipeline(config, Sealer(KEY), Spool(config.spool_dir, 1 << 30), store,
-                        UploadWatermarks(config.state_dir / "uploaded.json"))
-    await pipeline.start([DiskInfo("d", "agent-1", 1 << 20, 4096)])
-    try:
+    async with running_pipeline(config, key=KEY) as pipeline:
         assert pipeline.streams["d"].durable_seq == 2
         assert not damaged.exists() and damaged.with_name(damaged.name + ".bad").exists()
         await pipeline.drain()
-        assert await store.list_blobs() == [blob_name("d", 1, 2)]
-    finally:
-        await pipeline.close()
+        assert await pipeline.store.list_blobs() == [blob_name("d", 1, 2)]
 
 
 class FullSpool(Spool):
@@ -102,12 +82,8 @@ class FullSpool(Spool):
 
 async def test_a_full_spool_delays_the_ack_until_the_blob_is_written(tmp_path: Path) -> None:
     config = make_config(tmp_path / "data", upload={"retry_initial_ms": 50})
-    store = LocalStore(config.store_dir)
-    spool = FullSpool(config.spool_dir, 1 << 30, failures=2)
-    pipeline = Pipeline(config, Sealer(KEY), spool, store, UploadWatermarks(config.state_dir / "uploaded.json"))
-    await pipeline.start([DiskInfo("d", "agent-1", 1 << 20, 4096)])
     acked: list[int] = []
-    try:
+    async with running_pipeline(config, spool=FullSpool(config.spool_dir, 1 << 30, failures=2)) as pipeline:
         stream = pipeline.streams["d"]
         stream.listeners[object()] = lambda disk, seq: acked.append(seq)
         for seq in (1, 2):
@@ -116,9 +92,7 @@ async def test_a_full_spool_delays_the_ack_until_the_blob_is_written(tmp_path: P
         assert acked == [] and stream.durable_seq == 0, "nothing may be acknowledged before it is in the spool"
         await pipeline.drain()
         assert pipeline.stats.spool_errors == 2 and acked == [2] and stream.durable_seq == 2
-        assert await store.list_blobs() == [blob_name("d", 1, 2)]
-    finally:
-        await pipeline.close()
+        assert await pipeline.store.list_blobs() == [blob_name("d", 1, 2)]
 
 
 class CountingWatermarks(UploadWatermarks):
@@ -136,12 +110,9 @@ async def test_watermark_saves_are_coalesced_but_nothing_waits_for_them(tmp_path
     once, while the watermark file is rewritten at most every WATERMARK_SAVE_INTERVAL_S."""
     config = make_config(tmp_path / "data", batch={"linger_ms": 1})
     watermarks = CountingWatermarks(config.state_dir / "uploaded.json")
-    store = LocalStore(config.store_dir)
-    pipeline = Pipeline(config, Sealer(KEY), Spool(config.spool_dir, 1 << 30), store, watermarks)
-    await pipeline.start([DiskInfo("d", "agent-1", 1 << 20, 4096)])
     stored: list[int] = []
-    pipeline.stored_listeners.append(lambda: stored.append(pipeline.streams["d"].uploaded_seq))
-    try:
+    async with running_pipeline(config, watermarks=watermarks) as pipeline:
+        pipeline.stored_listeners.append(lambda: stored.append(pipeline.streams["d"].uploaded_seq))
         stream = pipeline.streams["d"]
         started = asyncio.get_running_loop().time()
         for seq in range(1, 101):
@@ -149,10 +120,8 @@ async def test_watermark_saves_are_coalesced_but_nothing_waits_for_them(tmp_path
             await asyncio.sleep(0.005)
         await pipeline.drain()
         elapsed = asyncio.get_running_loop().time() - started
-        assert len(await store.list_blobs()) > 30, "expected (nearly) one blob per write"
+        assert len(await pipeline.store.list_blobs()) > 30, "expected (nearly) one blob per write"
         assert stored[-1] == 100, "the store's listeners heard of the last upload without waiting for a save"
         assert watermarks.saves <= elapsed / WATERMARK_SAVE_INTERVAL_S + 2, (watermarks.saves, elapsed)
         await asyncio.sleep(2 * WATERMARK_SAVE_INTERVAL_S)  # the last save lands
         assert UploadWatermarks(config.state_dir / "uploaded.json").seqs == {"d": 100}
-    finally:
-        await pipeline.close()
