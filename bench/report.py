@@ -230,6 +230,12 @@ def plot(result: dict, out_dir: Path) -> dict[str, str]:
     except ImportError:
         return {}
     files: dict[str, str] = {}
+
+    def save(fig: object, title: str, name: str) -> None:
+        fig.tight_layout()  # type: ignore[attr-defined]
+        fig.savefig(out_dir / name, dpi=90)  # type: ignore[attr-defined]
+        plt.close(fig)  # type: ignore[arg-type]
+        files[title] = name
     phases = load_phases(result)
     if phases:
         fig, axes = plt.subplots(len(phases), 1, figsize=(10, 3.2 * len(phases)), squeeze=False, sharex=False)
@@ -246,10 +252,7 @@ def plot(result: dict, out_dir: Path) -> dict[str, str]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8, loc="upper right")
         axes[-1, 0].set_xlabel("seconds since start (shaded: measurement window)")
-        fig.tight_layout()
-        fig.savefig(out_dir / "throughput.png", dpi=90)
-        plt.close(fig)
-        files["throughput over time per stage"] = "throughput.png"
+        save(fig, "throughput over time per stage", "throughput.png")
 
         fig, ax = plt.subplots(figsize=(9, 4.5))
         for name, p in phases:
@@ -265,10 +268,7 @@ def plot(result: dict, out_dir: Path) -> dict[str, str]:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
         ax.set_title("ack-latency distribution (CDF)")
-        fig.tight_layout()
-        fig.savefig(out_dir / "latency.png", dpi=90)
-        plt.close(fig)
-        files["ack-latency distribution"] = "latency.png"
+        save(fig, "ack-latency distribution", "latency.png")
 
         fig, ax = plt.subplots(figsize=(9, 4.5))
         for name, p in phases:
@@ -281,10 +281,7 @@ def plot(result: dict, out_dir: Path) -> dict[str, str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         ax.set_title("recoverable lag over time (age of the oldest write not yet applied)")
-        fig.tight_layout()
-        fig.savefig(out_dir / "lag.png", dpi=90)
-        plt.close(fig)
-        files["lag over time"] = "lag.png"
+        save(fig, "lag over time", "lag.png")
 
     scaling = result.get("scaling")
     steps = [s for s in (scaling or {}).get("steps", []) if "error" not in s]
@@ -300,10 +297,7 @@ def plot(result: dict, out_dir: Path) -> dict[str, str]:
         ax2.set_ylabel("server peak RSS, MiB")
         ax1.set_title("scaling at the same total offered load")
         fig.legend(fontsize=8, loc="upper right")
-        fig.tight_layout()
-        fig.savefig(out_dir / "scaling.png", dpi=90)
-        plt.close(fig)
-        files["scaling"] = "scaling.png"
+        save(fig, "scaling", "scaling.png")
     return files
 
 
