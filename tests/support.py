@@ -11,14 +11,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from azurite import Azurite
 
-from engine.agent import Agent
+from engine.agent import Agent, AgentDisk
 from engine.auth import DEFAULT_AGENT, read_token
 from engine.config import Config
 from engine.disks import DiskInfo
@@ -254,6 +254,17 @@ async def wait_applied(seed_dir: Path, targets: dict[str, int], timeout: float =
             got = {disk: applied_seq(seed_dir, disk) for disk in targets}
             raise TimeoutError(f"applier did not catch up: want {targets}, have {got}")
         await asyncio.sleep(0.05)
+
+
+async def write_logged(disk: AgentDisk, writes: Iterator[Any], last_seq: int) -> list[tuple[int, int, bytes]]:
+    """Write from ``writes`` until sequence ``last_seq``; returns the log of (seq, offset, data) for state_at."""
+    log = []
+    for write in writes:
+        log.append((disk.next_seq, write.offset, bytes(write.data)))
+        await disk.write(write.offset, write.data)
+        if disk.next_seq > last_seq:
+            break
+    return log
 
 
 def state_at(writes: list[tuple[int, int, bytes]], size: int, seq: int) -> bytes:

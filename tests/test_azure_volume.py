@@ -24,10 +24,23 @@ from pathlib import Path
 import pytest
 from azure.storage.blob import BlobType
 from azure.storage.blob.aio import BlobLeaseClient, BlobServiceClient
+from azurite import Azurite
+from faultproxy import FaultProxy
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import (
+    BLOCKFERRY,
+    ServerProcess,
+    agent_for,
+    free_port,
+    make_config,
+    read_seed,
+    seed_state,
+    state_at,
+    write_config,
+    write_logged,
+)
 
-from azurite import Azurite
 from engine.applier import ApplierLocked
 from engine.config import AZURE_ENV, AzureStoreConfig, ConfigError, SeedAzureConfig, load_config, parse_config
 from engine.recovery.azure_volume import (
@@ -41,10 +54,7 @@ from engine.recovery.service import open_recovery
 from engine.recovery.volume import SeedState
 from engine.store import StoreError
 from engine.workload import ContentPool, random_writes
-from faultproxy import FaultProxy
 from protocol.journal import EntryName
-from support import (BLOCKFERRY, ServerProcess, agent_for, free_port, make_config, read_seed, seed_state, state_at,
-                     write_config)
 
 MiB = 1024 * 1024
 BAD_KEY = "bm90IHRoZSBhY2NvdW50IGtleSBidXQgdmFsaWQgYmFzZTY0IG9mIHNvbWUgbGVuZ3RoIQ=="
@@ -476,15 +486,11 @@ async def test_applier_on_azure_killed_mid_group_keeps_seed_journal_and_points_c
     server = ServerProcess(config, port, tmp_path / "server.log")
     server.start()
     size = 4 * MiB
-    writes: list[tuple[int, int, bytes]] = []
     try:
         async with agent_for(data, port) as agent:
             disk = await agent.open_disk("d", size)
-            for write in random_writes(ContentPool(4 * MiB), size, max_size=128 * 1024, seed=13):
-                writes.append((disk.next_seq, write.offset, bytes(write.data)))
-                await disk.write(write.offset, write.data)
-                if disk.next_seq > 300:
-                    break
+            writes = await write_logged(disk, random_writes(ContentPool(4 * MiB), size, max_size=128 * 1024, seed=13),
+                                        300)
             await asyncio.wait_for(agent.flush(), 60)
             target = disk.acked_seq
         await asyncio.sleep(0.3)  # uploads to the local cache store finish

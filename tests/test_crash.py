@@ -11,7 +11,17 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import BLOCKFERRY, ServerProcess, agent_for, applied_seq, free_port, state_at, wait_applied, write_config
+from support import (
+    BLOCKFERRY,
+    ServerProcess,
+    agent_for,
+    applied_seq,
+    free_port,
+    state_at,
+    wait_applied,
+    write_config,
+    write_logged,
+)
 
 from engine.workload import ContentPool, random_writes
 
@@ -85,15 +95,10 @@ async def test_applier_killed_repeatedly_keeps_disk_journal_and_points_consisten
     server.start()
     pool = ContentPool(8 * MiB)
     size = 16 * MiB
-    writes: list[tuple[int, int, bytes]] = []
     try:
         async with agent_for(data, port) as agent:
             disk = await agent.open_disk("d", size)
-            for write in random_writes(pool, size, seed=11):
-                writes.append((disk.next_seq, write.offset, bytes(write.data)))
-                await disk.write(write.offset, write.data)
-                if disk.next_seq > 600:
-                    break
+            writes = await write_logged(disk, random_writes(pool, size, seed=11), 600)
             await asyncio.wait_for(agent.flush(), 60)
             target = disk.acked_seq
         await asyncio.sleep(0.3)  # uploads finish (the server keeps running)
