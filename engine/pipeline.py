@@ -120,6 +120,8 @@ class DiskStream:
         self.apply_failure: str | None = None
 
     def note_applied(self, seq: int) -> None:
+        if seq > (self.applied_seq or 0):
+            self.apply_failure = None  # it moves again: whatever stopped it was resolved
         if self.applied_seq is None and seq < self._stored_at_start:
             # stored by an earlier run and not applied yet: when they arrived is not known here, so they
             # count from now (an underestimate, until they are applied)
@@ -356,11 +358,14 @@ class Pipeline:
         def report(outcome: tuple[memoryview, Path | OSError] | BaseException) -> None:
             loop.call_soon_threadsafe(_settle, spooled, outcome)
 
-        def write(sealed: memoryview) -> None:
+        def try_write(sealed: memoryview) -> Path | OSError:
             try:
-                report((sealed, self.spool.write(batch.name, sealed)))
+                return self.spool.write(batch.name, sealed)
             except OSError as exc:
-                report((sealed, exc))
+                return exc
+
+        def write(sealed: memoryview) -> None:
+            report((sealed, try_write(sealed)))
 
         def seal() -> None:
             try:
@@ -379,10 +384,7 @@ class Pipeline:
                 self.stats.spool_errors += 1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.config.upload.retry_max_ms / 1000)
-                try:
-                    written = await loop.run_in_executor(self._spool_executor, self.spool.write, batch.name, sealed)
-                except OSError as exc:
-                    written = exc
+                written = await loop.run_in_executor(self._spool_executor, try_write, sealed)
             batch.path = written
             batch.size = len(sealed)
         finally:

@@ -30,7 +30,9 @@ from support import (
 from engine.agent import AgentError
 from engine.applier import ApplierLock, ApplierLocked
 from engine.applier_process import ROLE, ApplierProcessError
+from engine.disks import DiskInfo
 from engine.monitor import DiskHealth
+from engine.pipeline import DiskStream
 from engine.recovery.service import RemoteRecovery, admin_token, open_recovery, running_admin_url
 from engine.server import ProcessServer
 from engine.workload import ContentPool
@@ -231,3 +233,14 @@ async def test_a_failover_committed_in_the_applier_process_stops_replication(
                     await asyncio.wait_for(again.open_disk("vm", len(source)), 10)
     finally:
         await delete_containers(config)
+
+
+def test_a_stopped_disk_is_reported_failed_until_it_applies_again() -> None:
+    """What serve keeps of its child's reports: a failure stands until the disk moves past it."""
+    stream = DiskStream(DiskInfo("d", "agent-1", 1 << 20, 4096), durable_seq=0)
+    stream.note_applied(3)
+    stream.apply_failure = "blob d/4-5: authentication failed"
+    stream.note_applied(3)  # a report at the same place (e.g. the child restarted): still stopped
+    assert stream.apply_failure is not None
+    stream.note_applied(5)
+    assert stream.apply_failure is None and stream.applied_seq == 5
