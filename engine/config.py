@@ -70,8 +70,10 @@ class ServerConfig(_Section):
 class BatchConfig(_Section):
     max_bytes: ByteSize = Field(ByteSize(4 * 1024 * 1024), ge=4096,
                                 description="Cut a disk's batch into a log blob once it holds this many payload bytes.")
-    linger_ms: float = Field(5.0, ge=0, description="Cut a non-empty batch after this long even if not full (ms); "
-                                                    "bounds ack latency at low load.")
+    linger_ms: float = Field(100.0, ge=0, description="Cut a non-empty batch into a log blob after this long even if "
+                                                      "not full (ms). Acks do not wait for it (they follow the "
+                                                      "spool's write-ahead log); it bounds how long a write waits "
+                                                      "to be stored, and fewer, larger blobs cost less per byte.")
 
 
 class PipelineConfig(_Section):
@@ -84,12 +86,14 @@ class PipelineConfig(_Section):
 
 
 class SpoolConfig(_Section):
-    dir: Path | None = Field(None, description="Where sealed blobs wait for upload; empty: <data_dir>/spool.")
+    dir: Path | None = Field(None, description="The write-ahead log and the sealed blobs waiting for upload; "
+                                               "empty: <data_dir>/spool.")
     max_bytes: ByteSize = Field(ByteSize(8 * 1024**3), ge=1024 * 1024,
-                                description="Spool capacity (bytes); when full, ingest pauses until uploads free "
-                                            "space.")
-    fsync: bool = Field(True, description="fsync each spooled blob before acknowledging it (never turn off in "
-                                          "production: an ack would no longer mean durable).")
+                                description="Spool capacity (bytes: write-ahead log and sealed blobs); when full, "
+                                            "ingest pauses until uploads free space.")
+    fsync: bool = Field(True, description="fdatasync the write-ahead log before acknowledging, and fsync each "
+                                          "spooled blob (never turn off in production: an ack would no longer "
+                                          "mean durable).")
 
 
 class UploadConfig(_Section):

@@ -471,7 +471,7 @@ class MonitorCollector(Collector):
             ("blockferry_sealing_batches", "Batches cut and waiting to be sealed and spooled.",
              sum(len(s.sealing) for s in p.streams.values())),
             ("blockferry_upload_queue_length", "Sealed blobs queued for upload.", p._upload_queue.qsize()),
-            ("blockferry_spool_used_bytes", "Bytes of sealed blobs in the spool.", p.spool.used_bytes),
+            ("blockferry_spool_used_bytes", "Bytes in the spool: write-ahead log and sealed blobs.", p.spool.used_bytes),
             ("blockferry_spool_capacity_bytes", "spool.max_bytes.", p.spool.max_bytes),
         ]
         for name, doc, value in gauges:

@@ -1,14 +1,16 @@
-"""The process server's data path, without sockets: batch → seal → spool → upload.
+"""The process server's data path, without sockets: log → batch → seal → spool → upload.
 
-Modelled on aiokafka's message accumulator: per-disk batches; a batch is cut at
-``batch.max_bytes``, after ``batch.linger_ms`` (deferred while the disk's previous
-seal is in flight: group commit) or at a tag; sealing (lz4 then AES-256-GCM) runs
-on a pool sized to the cores, spool writes and fsyncs on their own pool; uploads
-leave in groups; acknowledgements follow
-durability strictly in sequence order per disk. Memory is bounded by
-``pipeline.max_inflight_bytes`` and the spool by ``spool.max_bytes``: when
-either is reached the pipeline asks its flow listeners (agent connections) to
-stop reading until it has drained below three quarters of the limit.
+Every accepted write goes two ways. It is appended to the spool's write-ahead log (engine/wal.py),
+all disks' writes since the previous commit in one chunk and one fdatasync (group commit), and is
+acknowledged once that commit is durable: an ack waits for neither lz4 nor a file of its own. And it
+joins its disk's batch, modelled on aiokafka's message accumulator: a batch is cut at
+``batch.max_bytes``, after ``batch.linger_ms`` (deferred while the disk's previous seal is in flight)
+or at a tag; sealing (lz4 then AES-256-GCM) runs on a pool sized to the cores, spool writes on their own
+pool; uploads leave in groups. What is in the cache store lets the log go.
+
+Memory is bounded by ``pipeline.max_inflight_bytes`` (bytes not yet sealed, or not yet logged) and the
+spool (log and sealed blobs) by ``spool.max_bytes``: when either is reached the pipeline asks its flow
+listeners (agent connections) to stop reading until it has drained below three quarters of the limit.
 """
 
 from __future__ import annotations
@@ -31,8 +33,20 @@ from engine.disks import DiskInfo
 from engine.spool import Spool, SpooledBlob, UploadWatermarks
 from engine.store import CacheStore
 from engine.store.base import StoreError
+from engine.wal import WriteAheadLog
 from protocol import SECTOR_SIZE, ErrorCode, RemoteProtocolError, Tag, Write
-from protocol.logblob import NONCE_SIZE, BlobHeader, Sealer, blob_name, tag_record, write_record_header
+from protocol.logblob import (
+    NONCE_SIZE,
+    BlobHeader,
+    KeyLookup,
+    Sealer,
+    WriteRecord,
+    blob_name,
+    iter_records,
+    tag_record,
+    write_record_header,
+)
+from protocol.wal import WalSealer, WalSection, section_header
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +89,22 @@ class FlowListener(Protocol):
 
 
 AckListener = Callable[[str, int], None]  # (disk, durable_seq)
+Pieces = tuple[bytes | memoryview, ...]  # one record: its header, and its body if it has one
+
+
+@dataclass
+class Logged:
+    """A disk's records waiting for the next write-ahead-log commit."""
+
+    first_seq: int
+    last_seq: int = 0
+    size: int = 0  # records, headers included
+    payload_bytes: int = 0
+    pieces: list[bytes | memoryview] = field(default_factory=list)
+
+    def section(self, info: DiskInfo) -> bytes:
+        return section_header(info.disk, info.size, self.first_seq, self.last_seq,
+                              self.last_seq - self.first_seq + 1, self.size)
 
 
 @dataclass
@@ -97,7 +127,7 @@ class Batch:
 
 
 class DiskStream:
-    """Per-disk state: what was accepted, what is durable, what is still to upload."""
+    """Per-disk state: what was accepted, what is durable (logged), what is still to seal and upload."""
 
     def __init__(self, info: DiskInfo, durable_seq: int) -> None:
         self.info = info
@@ -183,14 +213,18 @@ class DiskStream:
 
 class Pipeline:
     def __init__(self, config: Config, sealer: Sealer, spool: Spool, store: CacheStore,
-                 watermarks: UploadWatermarks) -> None:
+                 watermarks: UploadWatermarks, *, keys: KeyLookup) -> None:
+        """``keys`` opens what an earlier run logged (possibly under a key since rotated)."""
         self.config = config
         self.sealer = sealer
         self.spool = spool
         self.store = store
         self.watermarks = watermarks
         self.streams: dict[str, DiskStream] = {}
+        self.wal = WriteAheadLog(spool.directory / ".wal", WalSealer(sealer.aead, sealer.key_id), fsync=spool.fsync)
+        self._keys = keys
         self.inflight_bytes = 0
+        self.unlogged_bytes = 0
         self.paused = False
         self.flow_listeners: set[FlowListener] = set()
         self.stored_listeners: list[Callable[[], None]] = []
@@ -199,6 +233,10 @@ class Pipeline:
         self._executor = ThreadPoolExecutor(config.seal_threads, thread_name_prefix="seal")
         self._spare_buffers = 2 * config.seal_threads  # sealed-blob buffers kept for reuse (per blob: no os calls)
         self._spool_executor = ThreadPoolExecutor(SPOOL_IO_THREADS, thread_name_prefix="spool")
+        self._wal_executor = ThreadPoolExecutor(1, thread_name_prefix="wal")  # owns self.wal: appends in order
+        self._wal_pending: dict[DiskStream, Logged] = {}
+        self._wal_busy = False  # a commit is scheduled or in flight
+        self._closing = False
         self._buffers: queue.SimpleQueue[bytearray] = queue.SimpleQueue()  # sealed-blob buffers to reuse
         self._upload_queue: asyncio.Queue[Batch] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -206,6 +244,7 @@ class Pipeline:
         self._watermark_lock = asyncio.Lock()
         self._watermarks_dirty = False
         self._last_watermark_save = 0.0  # monotonic
+        self._saved_watermarks = dict(watermarks.seqs)  # what a restart would recover from
         self._max_inflight = int(config.pipeline.max_inflight_bytes)
         self._max_batch = int(config.batch.max_bytes)
         self._linger = config.batch.linger_ms / 1000
@@ -213,7 +252,8 @@ class Pipeline:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self, disks: list[DiskInfo]) -> None:
-        """Recover the spool and resume uploads of what the previous run left."""
+        """Recover the spool and resume uploads of what the previous run left: its sealed blobs, then
+        what its write-ahead log holds beyond them (acknowledged, never sealed)."""
         leftovers = await asyncio.to_thread(self.spool.recover)
         by_disk: dict[str, list[SpooledBlob]] = {}
         for blob in leftovers:
@@ -253,6 +293,11 @@ class Pipeline:
             if blobs:
                 log.info("spool: resuming upload of %d blob(s) of disk %r up to sequence %d",
                          len(stream.uploading), disk, durable)
+        spooled = {disk: stream.accepted_seq for disk, stream in self.streams.items()}
+        sections = await asyncio.get_running_loop().run_in_executor(self._wal_executor, self.wal.replay,
+                                                                   self._keys, spooled)
+        self.spool.used_bytes += self.wal.size_bytes
+        self._replay(sections)
         self._uploaders = [asyncio.create_task(self._upload_worker(), name=f"upload-{i}")
                            for i in range(self.config.upload.concurrency)]
 
@@ -262,44 +307,84 @@ class Pipeline:
             stream = self.streams[info.disk] = DiskStream(info, self.watermarks.seqs.get(info.disk, 0))
         return stream
 
+    def _replay(self, sections: list[WalSection]) -> None:
+        """Batch again what the log holds beyond the spooled blobs: acknowledged before the restart, so
+        durable now, and sealed and uploaded like anything else (its log segments stay until then)."""
+        replayed: Counter[str] = Counter()
+        for section in sections:
+            stream = self.streams.get(section.disk)
+            if stream is None:  # a logged disk whose registration was lost: the log knows its size
+                stream = self.streams[section.disk] = DiskStream(
+                    DiskInfo(section.disk, "", section.disk_size, SECTOR_SIZE), self.watermarks.seqs.get(section.disk, 0))
+            for record in iter_records(section.records, section.blob_header()):
+                if record.seq <= stream.accepted_seq:
+                    continue
+                if record.seq != stream.accepted_seq + 1:  # chunks are appended in order: only damage does this
+                    log.error("write-ahead log: disk %r continues at sequence %d after %d; the rest of its log "
+                              "is dropped and the agent resends from %d", section.disk, record.seq,
+                              stream.accepted_seq, stream.accepted_seq + 1)
+                    break
+                if isinstance(record, WriteRecord):
+                    size = len(record.data)
+                    self._append(stream, record.seq, record.timestamp_us,
+                                 (write_record_header(record.seq, record.timestamp_us, record.offset, size),
+                                  record.data), size)
+                else:
+                    self._append(stream, record.seq, record.timestamp_us,
+                                 (tag_record(record.seq, record.timestamp_us, record.kind, record.tag_id),), 0,
+                                 ends_batch=True)
+                replayed[section.disk] += 1
+            stream.durable_seq = stream.accepted_seq
+        for disk, count in sorted(replayed.items()):
+            log.info("write-ahead log: %d acknowledged record(s) of disk %r replayed up to sequence %d",
+                     count, disk, self.streams[disk].durable_seq)
+
     async def drain(self) -> None:
-        """Cut every open batch and wait until everything accepted is durable and uploaded."""
+        """Cut every open batch and wait until everything accepted is logged, sealed and uploaded."""
         for stream in self.streams.values():
             self._cut(stream)
-        while any(s.sealing or s.uploading for s in self.streams.values()):
+        while self._wal_busy or any(s.sealing or s.uploading for s in self.streams.values()):
             await asyncio.sleep(0.01)
 
     async def close(self) -> None:
+        self._closing = True
         for task in self._uploaders:
             task.cancel()
         await asyncio.gather(*self._uploaders, *self._tasks, return_exceptions=True)
         self._executor.shutdown(wait=True)
         self._spool_executor.shutdown(wait=True)
+        self._wal_executor.submit(self.wal.close)
+        self._wal_executor.shutdown(wait=True)
 
     # ------------------------------------------------------------ ingest
 
     def accept_write(self, stream: DiskStream, write: Write) -> bool:
-        """Add a checked write to its disk's batch; False if it was a duplicate."""
+        """Log a checked write and add it to its disk's batch; False if it was a duplicate."""
         stream.check_write(write)
         if not stream.check_sequence(write.seq):
             return False
         size = len(write.data)
-        batch = self._batch_for(stream, write.seq)
-        batch.pieces.append(write_record_header(write.seq, write.timestamp_us, write.offset, size))
-        batch.pieces.append(write.data)
-        self._added(stream, batch, write.seq, write.timestamp_us, size)
-        if batch.payload_bytes >= self._max_batch:
-            self._cut(stream)
+        pieces = (write_record_header(write.seq, write.timestamp_us, write.offset, size), write.data)
+        self._log(stream, write.seq, pieces, size)
+        self._append(stream, write.seq, write.timestamp_us, pieces, size)
         return True
 
     def accept_tag(self, stream: DiskStream, tag: Tag) -> bool:
         if not stream.check_sequence(tag.seq):
             return False
-        batch = self._batch_for(stream, tag.seq)
-        batch.pieces.append(tag_record(tag.seq, tag.timestamp_us, tag.kind, tag.tag_id))
-        self._added(stream, batch, tag.seq, tag.timestamp_us, 0)
-        self._cut(stream)  # a tag ends its batch, so recovery points fall on blob boundaries
+        pieces = (tag_record(tag.seq, tag.timestamp_us, tag.kind, tag.tag_id),)
+        self._log(stream, tag.seq, pieces, 0)
+        # a tag ends its batch, so recovery points fall on blob boundaries
+        self._append(stream, tag.seq, tag.timestamp_us, pieces, 0, ends_batch=True)
         return True
+
+    def _append(self, stream: DiskStream, seq: int, timestamp_us: int, pieces: Pieces, size: int, *,
+                ends_batch: bool = False) -> None:
+        batch = self._batch_for(stream, seq)
+        batch.pieces += pieces
+        self._added(stream, batch, seq, timestamp_us, size)
+        if ends_batch or batch.payload_bytes >= self._max_batch:
+            self._cut(stream)
 
     def _batch_for(self, stream: DiskStream, seq: int) -> Batch:
         batch = stream.open_batch
@@ -317,8 +402,67 @@ class Pipeline:
         self.inflight_bytes += size
         self.stats.received_bytes += size
         stream.received_bytes += size
-        if not self.paused and self.inflight_bytes >= self._max_inflight:
+        if not self.paused and self.held_bytes >= self._max_inflight:
             self._set_paused(True)
+
+    # ------------------------------------------------------------ write-ahead log (acknowledgements)
+
+    def _log(self, stream: DiskStream, seq: int, pieces: Pieces, size: int) -> None:
+        logged = self._wal_pending.get(stream)
+        if logged is None:
+            logged = self._wal_pending[stream] = Logged(seq)
+        logged.last_seq = seq
+        logged.pieces += pieces
+        logged.size += sum(len(piece) for piece in pieces)
+        logged.payload_bytes += size
+        self.unlogged_bytes += size
+        if not self._wal_busy:  # soon, not now: the rest of this socket read joins the same commit
+            self._wal_busy = True
+            asyncio.get_running_loop().call_soon(self._commit)
+
+    def _commit(self) -> None:
+        """Group commit: what every disk logged since the previous commit, as one chunk and one
+        fdatasync; the next commit starts when this one is durable, so under load commits grow."""
+        pending, self._wal_pending = self._wal_pending, {}
+        if not pending or self._closing:
+            self._wal_busy = False
+            return
+        pieces: list[bytes | memoryview] = []
+        for stream, logged in pending.items():
+            pieces.append(logged.section(stream.info))
+            pieces += logged.pieces
+        self._write_log(pending, pieces, self.config.upload.retry_initial_ms / 1000)
+
+    def _write_log(self, pending: dict[DiskStream, Logged], pieces: list[bytes | memoryview], retry_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        last_seqs = {stream.info.disk: logged.last_seq for stream, logged in pending.items()}
+
+        def append() -> None:
+            try:
+                outcome: int | OSError = self.wal.append(pieces, last_seqs)
+            except OSError as exc:
+                outcome = exc
+            loop.call_soon_threadsafe(self._committed, pending, pieces, outcome, retry_s)
+
+        if not self._closing:
+            self._wal_executor.submit(append)
+
+    def _committed(self, pending: dict[DiskStream, Logged], pieces: list[bytes | memoryview],
+                   outcome: int | OSError, retry_s: float) -> None:
+        if isinstance(outcome, OSError):  # spool disk full or failing: nothing was acknowledged; keep trying
+            log.error("spool: cannot append to the write-ahead log: %s; retrying in %.1fs", outcome, retry_s)
+            self.stats.spool_errors += 1
+            asyncio.get_running_loop().call_later(retry_s, self._write_log, pending, pieces,
+                                                  min(retry_s * 2, self.config.upload.retry_max_ms / 1000))
+            return
+        self.spool.used_bytes += outcome
+        for stream, logged in pending.items():
+            self.unlogged_bytes -= logged.payload_bytes
+            stream.durable_seq = logged.last_seq
+            for listener in list(stream.listeners.values()):
+                listener(stream.info.disk, stream.durable_seq)
+        self._commit()  # what arrived meanwhile
+        self._update_flow()
 
     # ------------------------------------------------------------ seal + spool
 
@@ -398,16 +542,10 @@ class Pipeline:
         self.spool.used_bytes += batch.size
         self.stats.sealed_bytes += batch.size
         stream.sealed_bytes += batch.size
-        advanced = False
-        while stream.sealing and stream.sealing[0].sealed:  # durability advances in sequence order
+        while stream.sealing and stream.sealing[0].sealed:  # uploads leave in sequence order
             done = stream.sealing.popleft()
-            stream.durable_seq = done.last_seq
             stream.uploading.append(done)
             self._upload_queue.put_nowait(done)
-            advanced = True
-        if advanced:
-            for listener in list(stream.listeners.values()):
-                listener(stream.info.disk, stream.durable_seq)
         if stream.cut_when_sealed and not stream.sealing:
             self._cut(stream)
         self._update_flow()
@@ -474,6 +612,9 @@ class Pipeline:
         # only now may the spool forget them
         await asyncio.to_thread(_unlink_all, [batch.path for batch in released if batch.path is not None])
         self.spool.used_bytes -= sum(batch.size for batch in released)
+        freed = await asyncio.get_running_loop().run_in_executor(self._wal_executor, self.wal.release,
+                                                                 self._saved_watermarks)
+        self.spool.used_bytes -= freed  # not `-= await`: that would read used_bytes before the await
         self._update_flow()
 
     async def _save_watermarks(self) -> None:
@@ -492,7 +633,9 @@ class Pipeline:
             if wait > 0:
                 await asyncio.sleep(wait)  # the updates of this interval join this save
             self._watermarks_dirty = False
-            await asyncio.to_thread(self.watermarks.save, dict(self.watermarks.seqs))
+            snapshot = dict(self.watermarks.seqs)
+            await asyncio.to_thread(self.watermarks.save, snapshot)
+            self._saved_watermarks = snapshot
             self._last_watermark_save = time.monotonic()
 
     # ------------------------------------------------------------ what the applier process reports
@@ -509,11 +652,17 @@ class Pipeline:
 
     # ------------------------------------------------------------ flow control
 
+    @property
+    def held_bytes(self) -> int:
+        """Payload held in memory for the pipeline's sake, checked against ``pipeline.max_inflight_bytes``:
+        not yet sealed, or not yet logged (a write is referenced by its batch and by the next commit)."""
+        return max(self.inflight_bytes, self.unlogged_bytes)
+
     def _update_flow(self) -> None:
         if self.paused:
-            if self.inflight_bytes < self._max_inflight * 3 // 4 and not self.spool.full:
+            if self.held_bytes < self._max_inflight * 3 // 4 and not self.spool.full:
                 self._set_paused(False)
-        elif self.inflight_bytes >= self._max_inflight or self.spool.full:
+        elif self.held_bytes >= self._max_inflight or self.spool.full:
             self._set_paused(True)
 
     def _set_paused(self, paused: bool) -> None:

@@ -124,7 +124,7 @@ class ProcessServer:
         spool = Spool(cfg.spool_dir, int(cfg.spool.max_bytes), fsync=cfg.spool.fsync)
         self.store = open_store(cfg)
         watermarks = UploadWatermarks(cfg.state_dir / "uploaded.json")
-        self.pipeline = Pipeline(cfg, Sealer(keys.current), spool, self.store, watermarks)
+        self.pipeline = Pipeline(cfg, Sealer(keys.current), spool, self.store, watermarks, keys=keys.lookup)
         await self.pipeline.start(list(disks))
         if self.run_applier and cfg.applier.process:
             self.pipeline.track_applied = True  # so this server's monitor knows the whole recoverable lag

@@ -66,7 +66,8 @@ class Spool:
         ``.bad``) and reported, never uploaded.
         """
         found: list[SpooledBlob] = []
-        for disk_dir in sorted(p for p in self.directory.iterdir() if p.is_dir()):
+        # a disk id starts with a letter or digit: ".wal" (the write-ahead log) is not a disk's
+        for disk_dir in sorted(p for p in self.directory.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for path in sorted(disk_dir.iterdir()):
                 if path.name.startswith(".") and path.name.endswith(".tmp"):
                     path.unlink()

@@ -28,7 +28,7 @@ from engine.store import LocalStore
 from engine.tls import client_context
 from engine.workload import ContentPool, random_writes
 from protocol import TagKind
-from protocol.logblob import Sealer
+from protocol.logblob import Sealer, key_id_of
 
 BLOCKFERRY = str(Path(sys.executable).parent / "blockferry")
 MiB = 1024 * 1024
@@ -40,7 +40,8 @@ async def running_pipeline(config: Config, *, spool: Spool | None = None, waterm
     """A started pipeline for disk "d" (real spool, local cache store and watermark file under ``config``),
     closed on exit; the store is ``pipeline.store``."""
     pipeline = Pipeline(config, Sealer(key), spool or Spool(config.spool_dir, 1 << 30), LocalStore(config.store_dir),
-                        watermarks or UploadWatermarks(config.state_dir / "uploaded.json"))
+                        watermarks or UploadWatermarks(config.state_dir / "uploaded.json"),
+                        keys=lambda key_id: key if key_id == key_id_of(key) else None)
     await pipeline.start([DiskInfo("d", "agent-1", disk_size, 4096)])
     try:
         yield pipeline

@@ -15,17 +15,17 @@ LIMIT = 8 * MiB
 
 
 class Recorder:
-    """A flow listener (what every agent connection is) that notes the in-flight bytes at each call."""
+    """A flow listener (what every agent connection is) that notes the bytes held at each call."""
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
         self.events: list[tuple[str, int]] = []
 
     def pause_reading(self) -> None:
-        self.events.append(("pause", self.pipeline.inflight_bytes))
+        self.events.append(("pause", self.pipeline.held_bytes))
 
     def resume_reading(self) -> None:
-        self.events.append(("resume", self.pipeline.inflight_bytes))
+        self.events.append(("resume", self.pipeline.held_bytes))
 
 
 async def test_reading_pauses_at_the_limit_and_resumes_below_three_quarters(tmp_path: Path) -> None:

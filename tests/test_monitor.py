@@ -213,7 +213,7 @@ async def test_metrics_endpoint_reports_bytes_lags_and_queues(tmp_path: Path) ->
             monitor = Monitor(cfg, ps.pipeline, ps.applier)
             monitor.observe()  # first churn sample
             sampled = time.monotonic()
-            for i in range(2):  # received, sitting in m2's open batch (neither stored nor acknowledged)
+            for i in range(2):  # received and logged (acknowledged), sitting in m2's open batch (not stored)
                 await m2.write(512 * KiB + i * 8 * KiB, bytes([120 + i]) * 8 * KiB)
             await wait_for(lambda: ps.pipeline.streams["m2"].received_bytes == 48 * KiB + 16 * KiB, "m2 writes")
             await asyncio.sleep(0.4)
@@ -223,6 +223,7 @@ async def test_metrics_endpoint_reports_bytes_lags_and_queues(tmp_path: Path) ->
                 content_type, s = await scrape(base)
                 elapsed = time.monotonic() - sampled
                 status, body = await get_json(base + "/healthz")
+                log_bytes = ps.pipeline.wal.size_bytes
 
     def disk(name: str, d: str, **labels: str) -> float:
         return s[(name, tuple(sorted({"disk": d, **labels}.items())))]
@@ -238,7 +239,7 @@ async def test_metrics_endpoint_reports_bytes_lags_and_queues(tmp_path: Path) ->
     assert disk("blockferry_disk_applied_bytes_total", "m1") == 5 * 64 * KiB
     assert disk("blockferry_disk_applied_bytes_total", "m2") == 48 * KiB
     assert disk("blockferry_disk_applied_seq", "m1") == 6 and disk("blockferry_disk_applied_seq", "m2") == 4
-    assert disk("blockferry_disk_durable_seq", "m2") == 4
+    assert disk("blockferry_disk_durable_seq", "m2") == 6, "acknowledged once logged, before it is sealed"
     sealed = disk("blockferry_disk_sealed_bytes_total", "m1") + disk("blockferry_disk_sealed_bytes_total", "m2")
     assert 0 < sealed == plain("blockferry_stored_bytes_total"), "everything sealed was stored"
     assert plain("blockferry_compression_ratio") > 10, "constant-filled writes compress well"
@@ -264,7 +265,8 @@ async def test_metrics_endpoint_reports_bytes_lags_and_queues(tmp_path: Path) ->
     assert plain("blockferry_inflight_limit_bytes") == int(cfg.pipeline.max_inflight_bytes)
     assert plain("blockferry_ingest_paused") == 0
     assert plain("blockferry_upload_queue_length") == 0 and plain("blockferry_sealing_batches") == 0
-    assert plain("blockferry_spool_used_bytes") == 0
+    # the spool holds the write-ahead log's open segment and no sealed blob (all stored)
+    assert plain("blockferry_spool_used_bytes") == log_bytes > 48 * KiB + 16 * KiB
     assert plain("blockferry_spool_capacity_bytes") == int(cfg.spool.max_bytes)
     assert plain("blockferry_errors_total", kind="upload") == 0
     assert plain("blockferry_errors_total", kind="failed_blob") == 0

@@ -1,0 +1,157 @@
+"""The spool's write-ahead log: segment files of group-committed chunks (format: protocol/wal.py).
+
+A write is acknowledged once the chunk holding it is appended and fdatasynced here; it is sealed into a
+log blob later, off the acknowledgement's path. The log therefore only has to hold what is acknowledged
+but not yet in the cache store: a segment is deleted once every disk it holds records of has its upload
+watermark (the saved one) at or past that segment's last sequence.
+
+Appending to one open file costs a write and an fdatasync; a file per blob cost an inode allocation,
+a rename and two fsyncs, and waited for lz4 before it could start. Blocking throughout: every method
+runs on the pipeline's single log thread, so the segment bookkeeping needs no lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.fsutil import fsync_dir, private_dir
+from protocol import LogBlobError
+from protocol.logblob import NONCE_SIZE, KeyLookup
+from protocol.wal import WalSealer, WalSection, read_chunk
+
+log = logging.getLogger(__name__)
+
+SEGMENT_BYTES = 64 * 1024 * 1024  # a segment is closed (and may be deleted) once it grows past this
+SEGMENT_SUFFIX = ".wal"
+KEEP_BUFFER_BYTES = 4 * 1024 * 1024  # a chunk buffer up to this size is reused; a burst's bigger one is not kept
+
+
+@dataclass
+class Segment:
+    path: Path
+    size: int = 0
+    last_seqs: dict[str, int] = field(default_factory=dict)  # disk -> last sequence logged in this segment
+
+    def covered_by(self, watermarks: dict[str, int]) -> bool:
+        return all(watermarks.get(disk, 0) >= seq for disk, seq in self.last_seqs.items())
+
+
+class WriteAheadLog:
+    def __init__(self, directory: Path, sealer: WalSealer, *, fsync: bool = True) -> None:
+        self.directory = private_dir(directory)
+        self.sealer = sealer
+        self.fsync = fsync
+        self._closed: list[Segment] = []
+        self._open: Segment | None = None
+        self._fd: int | None = None
+        self._next_segment = 1
+        self._next_chunk = 1
+        self._buffer = bytearray()
+
+    def replay(self, keys: KeyLookup, after: dict[str, int]) -> list[WalSection]:
+        """At start-up: the sections the previous runs logged, in log order, except those whose disk is
+        already durable past them elsewhere (``after``: disk -> sequence held by the spool's blobs or the
+        cache store), so that only what was never sealed is held in memory.
+
+        A segment ends at its first chunk that is incomplete or fails authentication: a write cut short
+        by a crash, never acknowledged. That tail is cut off, so that after this run's segments follow
+        it, it cannot be mistaken for damage in the middle of the log.
+        """
+        sections: list[WalSection] = []
+        for path in sorted(self.directory.glob("*" + SEGMENT_SUFFIX)):
+            data = path.read_bytes()
+            segment = Segment(path, len(data))
+            offset = 0
+            while (chunk := read_chunk(data, offset, keys, name=str(path))) is not None:
+                if chunk.number < self._next_chunk:
+                    raise LogBlobError(f"write-ahead log chunk {chunk.number} at offset {offset} follows chunk "
+                                       f"{self._next_chunk - 1}: segments out of order", name=str(path))
+                self._next_chunk = chunk.number + 1
+                for section in chunk.sections:
+                    segment.last_seqs[section.disk] = max(segment.last_seqs.get(section.disk, 0), section.last_seq)
+                sections += [s for s in chunk.sections if s.last_seq > after.get(s.disk, 0)]
+                offset += chunk.size
+            if offset < len(data):
+                log.warning("write-ahead log: %s ends with %d bytes that are not a complete chunk (a write cut "
+                            "short by a crash, never acknowledged); cut off", path, len(data) - offset)
+                os.truncate(path, offset)
+                segment.size = offset
+            self._closed.append(segment)
+            self._next_segment = int(path.stem) + 1
+        return sections
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(s.size for s in self._closed) + (self._open.size if self._open else 0)
+
+    def append(self, pieces: Iterable[bytes | memoryview], last_seqs: dict[str, int]) -> int:
+        """Append one chunk (section headers and records, concatenated) durably; returns its size.
+
+        On an error (a full or failing disk) the segment is closed where it stood before and the next
+        attempt starts a new one: a torn chunk must end its segment, and after a failed fsync the page
+        cache cannot be trusted to hold what was written.
+        """
+        sealed = self.sealer.seal(self._next_chunk, pieces, os.urandom(NONCE_SIZE), out=self._buffer)
+        if len(sealed) <= KEEP_BUFFER_BYTES:
+            self._buffer = sealed.obj  # type: ignore[assignment]
+        segment, fd = self._writable()
+        try:
+            view = sealed
+            while view:
+                view = view[os.write(fd, view):]
+            if self.fsync:
+                os.fdatasync(fd)
+        except OSError:
+            self._close_open(truncate_to=segment.size)
+            raise
+        self._next_chunk += 1
+        segment.size += len(sealed)
+        for disk, seq in last_seqs.items():
+            segment.last_seqs[disk] = max(segment.last_seqs.get(disk, 0), seq)
+        if segment.size >= SEGMENT_BYTES:
+            self._close_open()
+        return len(sealed)
+
+    def release(self, watermarks: dict[str, int]) -> int:
+        """Delete the closed segments everything of which is in the cache store; returns the bytes freed.
+        ``watermarks`` must be the *saved* upload watermarks: a restart recovers from those."""
+        keep, freed = [], 0
+        for segment in self._closed:
+            if segment.covered_by(watermarks):
+                segment.path.unlink(missing_ok=True)
+                freed += segment.size
+            else:
+                keep.append(segment)
+        self._closed = keep
+        return freed
+
+    def close(self) -> None:
+        self._close_open()
+
+    def _writable(self) -> tuple[Segment, int]:
+        if self._open is None or self._fd is None:
+            path = self.directory / f"{self._next_segment:020d}{SEGMENT_SUFFIX}"
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+            self._next_segment += 1
+            self._open = Segment(path)
+            if self.fsync:
+                fsync_dir(self.directory)  # the segment's name must survive a crash as its chunks do
+        return self._open, self._fd
+
+    def _close_open(self, truncate_to: int | None = None) -> None:
+        if self._fd is None or self._open is None:
+            return
+        try:
+            if truncate_to is not None:
+                os.ftruncate(self._fd, truncate_to)
+        except OSError as exc:  # the tail is cut at replay instead
+            log.warning("write-ahead log: cannot cut %s back to %d bytes: %s", self._open.path, truncate_to, exc)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+        self._closed.append(self._open)
+        self._open = None

@@ -1,0 +1,128 @@
+"""The spool's write-ahead log format: what makes a write durable before it is sealed into a blob.
+
+An acknowledgement must not wait for lz4 (the dearest step of the data path) nor for a file per blob,
+so a write is first appended to a log, one **chunk** per group commit, holding whatever arrived for any
+number of disks since the previous commit::
+
+    chunk    = header (magic, chunk number, key id, nonce, ciphertext length; GCM associated data)
+               AES-256-GCM( section* ) + 16-byte tag
+    section  = disk id length, disk size, first seq, last seq, record count, records length,
+               disk id, records
+
+Records are log-blob records (``RECORD_HEADER`` + body, see :mod:`protocol.logblob`), so a section
+replays into a batch unchanged. Chunks are encrypted for the reason blobs are (nothing in clear text at
+rest) but not compressed. Pure computation: the caller supplies nonces, buffers and files.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from protocol.errors import LogBlobError
+from protocol.logblob import GCM_TAG_SIZE, NONCE_SIZE, BlobHeader, KeyLookup
+
+WAL_MAGIC = b"\x89BFWAL\r\n"
+CHUNK_HEADER = struct.Struct("<8sQ8s12sI")  # magic, chunk number, key id, nonce, ciphertext length (incl. tag)
+SECTION_HEADER = struct.Struct("<HQQQII")  # disk id length, disk size, first seq, last seq, records, bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WalSection:
+    """One disk's records from one chunk."""
+
+    disk: str
+    disk_size: int
+    first_seq: int
+    last_seq: int
+    record_count: int
+    records: memoryview
+
+    def blob_header(self) -> BlobHeader:
+        """The header :func:`protocol.logblob.iter_records` checks the records against."""
+        return BlobHeader(self.disk, self.disk_size, self.first_seq, self.last_seq, self.record_count, 0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class WalChunk:
+    number: int
+    sections: list[WalSection]
+    size: int  # bytes on disk, header and tag included
+
+
+def section_header(disk: str, disk_size: int, first_seq: int, last_seq: int, record_count: int,
+                   records_size: int) -> bytes:
+    name = disk.encode()
+    return SECTION_HEADER.pack(len(name), disk_size, first_seq, last_seq, record_count, records_size) + name
+
+
+class WalSealer:
+    """Encrypts chunks under one key. Thread-safe (AESGCM is)."""
+
+    def __init__(self, aead: AESGCM, key_id: bytes) -> None:
+        self._aead = aead
+        self.key_id = key_id
+
+    def seal(self, number: int, pieces: Iterable[bytes | memoryview], nonce: bytes,
+             out: bytearray | None = None) -> memoryview:
+        """Seal the concatenated ``pieces`` (section headers and records) into ``out`` (grown if too
+        small, reused otherwise: a fresh multi-MiB buffer per commit costs page faults)."""
+        if len(nonce) != NONCE_SIZE:
+            raise ValueError("nonce must be 12 bytes")
+        plaintext = b"".join(pieces)
+        head = CHUNK_HEADER.pack(WAL_MAGIC, number, self.key_id, nonce, len(plaintext) + GCM_TAG_SIZE)
+        total = len(head) + len(plaintext) + GCM_TAG_SIZE
+        if out is None or len(out) < total:
+            out = bytearray(total)
+        view = memoryview(out)
+        view[:len(head)] = head
+        self._aead.encrypt_into(nonce, plaintext, head, view[len(head):total])
+        return view[:total]
+
+
+def read_chunk(data: bytes | memoryview, offset: int, keys: KeyLookup, *, name: str | None = None) -> WalChunk | None:
+    """The chunk at ``offset``, or None where the log ends: no more bytes, or a chunk cut short or
+    garbled by a crash during its write (never acknowledged, since acks follow the write's fsync).
+
+    Raises LogBlobError for a complete chunk sealed with a key the ring does not hold, or whose
+    sections do not add up (a bug or tampering, not a torn write: the tag authenticated them).
+    """
+    view = memoryview(data)
+    if len(view) - offset < CHUNK_HEADER.size:
+        return None
+    magic, number, key_id, nonce, length = CHUNK_HEADER.unpack_from(view, offset)
+    end = offset + CHUNK_HEADER.size + length
+    if magic != WAL_MAGIC or length < GCM_TAG_SIZE or end > len(view):
+        return None
+    key = keys(key_id)
+    if key is None:
+        raise LogBlobError(f"write-ahead log chunk {number} at offset {offset} was sealed with key id "
+                           f"{key_id.hex()}, which is not in the key ring", name=name)
+    try:
+        plaintext = AESGCM(key).decrypt(nonce, view[offset + CHUNK_HEADER.size:end],
+                                        view[offset:offset + CHUNK_HEADER.size])
+    except InvalidTag:
+        return None
+    return WalChunk(number, _sections(memoryview(plaintext), number, name), end - offset)
+
+
+def _sections(plaintext: memoryview, number: int, name: str | None) -> list[WalSection]:
+    sections = []
+    pos = 0
+    while pos < len(plaintext):
+        if len(plaintext) - pos < SECTION_HEADER.size:
+            raise LogBlobError(f"write-ahead log chunk {number}: section header truncated", name=name)
+        disk_len, disk_size, first, last, count, size = SECTION_HEADER.unpack_from(plaintext, pos)
+        pos += SECTION_HEADER.size
+        if len(plaintext) - pos < disk_len + size or first > last or count != last - first + 1:
+            raise LogBlobError(f"write-ahead log chunk {number}: section of sequences {first}-{last} does not "
+                               f"add up", name=name)
+        disk = bytes(plaintext[pos:pos + disk_len]).decode()
+        pos += disk_len
+        sections.append(WalSection(disk, disk_size, first, last, count, plaintext[pos:pos + size]))
+        pos += size
+    return sections
