@@ -221,7 +221,10 @@ class Pipeline:
         self.store = store
         self.watermarks = watermarks
         self.streams: dict[str, DiskStream] = {}
-        self.wal = WriteAheadLog(spool.directory / ".wal", WalSealer(sealer.aead, sealer.key_id), fsync=spool.fsync)
+        current_key = keys(sealer.key_id)
+        if current_key is None:
+            raise ValueError(f"the sealing key (id {sealer.key_id.hex()}) is not in the key ring")
+        self.wal = WriteAheadLog(spool.directory / ".wal", WalSealer(current_key), fsync=spool.fsync)
         self._keys = keys
         self.inflight_bytes = 0
         self.unlogged_bytes = 0

@@ -1,16 +1,15 @@
 """The process server's spool: sealed blobs, fsynced, waiting for upload.
 
-A write is acknowledged once the blob holding it is in the spool (compressed and
-encrypted, so the spool holds fewer bytes than were received and nothing in
-clear text). The spool keeps a blob until the cache store has it *and* the
-upload watermark recording that is durable, so after any crash
+The spool directory also holds the write-ahead log (``.wal``, engine/wal.py) that acknowledgements
+follow; a blob here is the sealed form of records the log already holds. Blobs are compressed and
+encrypted (nothing in clear text), and kept until the cache store has them *and* the upload
+watermark recording that is durable. After a crash the durable sequence of a disk starts as
 
-    durable sequence of a disk = max(upload watermark, last sequence in the spool)
+    max(upload watermark, last sequence of the contiguous run of spooled blobs after it)
 
-counted only over the contiguous run of spooled blobs after the watermark: spool
-writes complete in any order, but an ack only ever covers a contiguous prefix,
-so a blob after a hole was never acknowledged and is dropped. That durable
-sequence is what the server tells a reconnecting agent to resume from.
+and the log's records after that extend it (Pipeline.start). Spool writes complete in any order, so
+a blob after a hole is dropped: its records are replayed from the log, which is appended in order.
+That durable sequence is what the server tells a reconnecting agent to resume from.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 SEGMENT_BYTES = 64 * 1024 * 1024  # a segment is closed (and may be deleted) once it grows past this
 SEGMENT_SUFFIX = ".wal"
-KEEP_BUFFER_BYTES = 4 * 1024 * 1024  # a chunk buffer up to this size is reused; a burst's bigger one is not kept
 
 
 @dataclass
@@ -50,7 +49,6 @@ class WriteAheadLog:
         self._fd: int | None = None
         self._next_segment = 1
         self._next_chunk = 1
-        self._buffer = bytearray()
 
     def replay(self, keys: KeyLookup, after: dict[str, int]) -> list[WalSection]:
         """At start-up: the sections the previous runs logged, in log order, except those whose disk is
@@ -88,33 +86,33 @@ class WriteAheadLog:
     def size_bytes(self) -> int:
         return sum(s.size for s in self._closed) + (self._open.size if self._open else 0)
 
-    def append(self, pieces: Iterable[bytes | memoryview], last_seqs: dict[str, int]) -> int:
+    def append(self, pieces: Sequence[bytes | memoryview], last_seqs: dict[str, int]) -> int:
         """Append one chunk (section headers and records, concatenated) durably; returns its size.
 
         On an error (a full or failing disk) the segment is closed where it stood before and the next
         attempt starts a new one: a torn chunk must end its segment, and after a failed fsync the page
         cache cannot be trusted to hold what was written.
         """
-        sealed = self.sealer.seal(self._next_chunk, pieces, os.urandom(NONCE_SIZE), out=self._buffer)
-        if len(sealed) <= KEEP_BUFFER_BYTES:
-            self._buffer = sealed.obj  # type: ignore[assignment]
         segment, fd = self._writable()
+        written = 0
         try:
-            view = sealed
-            while view:
-                view = view[os.write(fd, view):]
+            for view in self.sealer.seal(self._next_chunk, pieces, os.urandom(NONCE_SIZE)):
+                while view:
+                    done = os.write(fd, view)
+                    view = view[done:]
+                    written += done
             if self.fsync:
                 os.fdatasync(fd)
         except OSError:
             self._close_open(truncate_to=segment.size)
             raise
         self._next_chunk += 1
-        segment.size += len(sealed)
+        segment.size += written
         for disk, seq in last_seqs.items():
             segment.last_seqs[disk] = max(segment.last_seqs.get(disk, 0), seq)
         if segment.size >= SEGMENT_BYTES:
             self._close_open()
-        return len(sealed)
+        return written
 
     def release(self, watermarks: dict[str, int]) -> int:
         """Delete the closed segments everything of which is in the cache store; returns the bytes freed.

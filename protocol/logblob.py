@@ -146,7 +146,7 @@ class Sealer:
     def __init__(self, key: bytes) -> None:
         if len(key) != KEY_SIZE:
             raise ValueError(f"an AES-256 key is {KEY_SIZE} bytes, got {len(key)}")
-        self.aead = AESGCM(key)  # shared with the spool's write-ahead log (protocol.wal.WalSealer)
+        self._aead = AESGCM(key)
         self.key_id = key_id_of(key)
 
     def seal(self, records: bytes | bytearray | memoryview, header: BlobHeader, nonce: bytes,
@@ -173,7 +173,7 @@ class Sealer:
             out = bytearray(total)
         view = memoryview(out)
         view[:len(head)] = head
-        self.aead.encrypt_into(nonce, payload, head, view[len(head):total])
+        self._aead.encrypt_into(nonce, payload, head, view[len(head):total])
         return view[:total]
 
 

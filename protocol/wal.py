@@ -17,18 +17,20 @@ rest) but not compressed. Pure computation: the caller supplies nonces, buffers 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from protocol.errors import LogBlobError
-from protocol.logblob import GCM_TAG_SIZE, NONCE_SIZE, BlobHeader, KeyLookup
+from protocol.logblob import GCM_TAG_SIZE, KEY_SIZE, NONCE_SIZE, BlobHeader, KeyLookup, key_id_of
 
 WAL_MAGIC = b"\x89BFWAL\r\n"
 CHUNK_HEADER = struct.Struct("<8sQ8s12sI")  # magic, chunk number, key id, nonce, ciphertext length (incl. tag)
 SECTION_HEADER = struct.Struct("<HQQQII")  # disk id length, disk size, first seq, last seq, records, bytes
+STREAM_BUFFER = 1024 * 1024  # ciphertext is handed out in pieces of this size
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,27 +63,40 @@ def section_header(disk: str, disk_size: int, first_seq: int, last_seq: int, rec
 
 
 class WalSealer:
-    """Encrypts chunks under one key. Thread-safe (AESGCM is)."""
+    """Encrypts chunks under one key, streaming: a chunk of any size passes through one small buffer,
+    with neither a joined copy of the records nor a chunk-sized output (a commit under load holds tens
+    of MiB). Not thread-safe (the buffer): one per log writer."""
 
-    def __init__(self, aead: AESGCM, key_id: bytes) -> None:
-        self._aead = aead
-        self.key_id = key_id
+    def __init__(self, key: bytes) -> None:
+        if len(key) != KEY_SIZE:
+            raise ValueError(f"an AES-256 key is {KEY_SIZE} bytes, got {len(key)}")
+        self._key = key
+        self.key_id = key_id_of(key)
+        self._buffer = bytearray(STREAM_BUFFER + GCM_TAG_SIZE)  # update_into wants room for a block beyond
 
-    def seal(self, number: int, pieces: Iterable[bytes | memoryview], nonce: bytes,
-             out: bytearray | None = None) -> memoryview:
-        """Seal the concatenated ``pieces`` (section headers and records) into ``out`` (grown if too
-        small, reused otherwise: a fresh multi-MiB buffer per commit costs page faults)."""
+    def seal(self, number: int, pieces: Sequence[bytes | memoryview], nonce: bytes) -> Iterator[memoryview]:
+        """The chunk of the concatenated ``pieces`` (section headers and records), in order, as views
+        each valid only until the next is taken."""
         if len(nonce) != NONCE_SIZE:
             raise ValueError("nonce must be 12 bytes")
-        plaintext = b"".join(pieces)
-        head = CHUNK_HEADER.pack(WAL_MAGIC, number, self.key_id, nonce, len(plaintext) + GCM_TAG_SIZE)
-        total = len(head) + len(plaintext) + GCM_TAG_SIZE
-        if out is None or len(out) < total:
-            out = bytearray(total)
-        view = memoryview(out)
-        view[:len(head)] = head
-        self._aead.encrypt_into(nonce, plaintext, head, view[len(head):total])
-        return view[:total]
+        head = CHUNK_HEADER.pack(WAL_MAGIC, number, self.key_id, nonce, sum(map(len, pieces)) + GCM_TAG_SIZE)
+        yield memoryview(head)
+        encryptor = Cipher(algorithms.AES(self._key), modes.GCM(nonce)).encryptor()
+        encryptor.authenticate_additional_data(head)
+        out = memoryview(self._buffer)
+        fill = 0
+        for piece in pieces:
+            rest = memoryview(piece)
+            while rest:
+                take = min(len(rest), STREAM_BUFFER - fill)
+                fill += encryptor.update_into(rest[:take], out[fill:])
+                rest = rest[take:]
+                if fill == STREAM_BUFFER:
+                    yield out[:fill]
+                    fill = 0
+        encryptor.finalize()
+        out[fill:fill + GCM_TAG_SIZE] = encryptor.tag
+        yield out[:fill + GCM_TAG_SIZE]
 
 
 def read_chunk(data: bytes | memoryview, offset: int, keys: KeyLookup, *, name: str | None = None) -> WalChunk | None:

@@ -17,8 +17,16 @@ from test_spool_recovery import FullSpool
 import engine.wal
 from engine.pipeline import Pipeline
 from protocol import LogBlobError, Write
-from protocol.logblob import GCM_TAG_SIZE, Sealer, WriteRecord, iter_records, key_id_of, open_blob, write_record_header
-from protocol.wal import CHUNK_HEADER, WalSealer, read_chunk, section_header
+from protocol.logblob import (
+    GCM_TAG_SIZE,
+    RECORD_HEADER,
+    WriteRecord,
+    iter_records,
+    key_id_of,
+    open_blob,
+    write_record_header,
+)
+from protocol.wal import CHUNK_HEADER, SECTION_HEADER, STREAM_BUFFER, WalSealer, read_chunk, section_header
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -28,9 +36,8 @@ def keys(key_id: bytes) -> bytes | None:
     return KEY if key_id == key_id_of(KEY) else None
 
 
-def wal_sealer() -> WalSealer:
-    sealer = Sealer(KEY)
-    return WalSealer(sealer.aead, sealer.key_id)
+def sealed_chunk(number: int, pieces: list[bytes | memoryview], key: bytes = KEY) -> bytes:
+    return b"".join(bytes(view) for view in WalSealer(key).seal(number, pieces, os.urandom(12)))
 
 
 def segments(pipeline: Pipeline) -> list[Path]:
@@ -73,7 +80,7 @@ def test_a_chunk_reads_back_whole_or_not_at_all(sections: list[tuple[str, list[b
         records = b"".join(write_record_header(first + j, j, 512 * j, len(body)) + body for j, body in enumerate(bodies))
         pieces += [section_header(disk, 1 << 20, first, first + len(bodies) - 1, len(bodies), len(records)), records]
         expected.append((disk, first, first + len(bodies) - 1, records))
-    chunk = bytes(wal_sealer().seal(7, pieces, os.urandom(12)))
+    chunk = sealed_chunk(7, pieces)
     read = read_chunk(b"junk" + chunk, 4, keys)
     assert read is not None and read.number == 7 and read.size == len(chunk)
     assert [(s.disk, s.first_seq, s.last_seq, bytes(s.records)) for s in read.sections] == expected
@@ -81,12 +88,30 @@ def test_a_chunk_reads_back_whole_or_not_at_all(sections: list[tuple[str, list[b
     assert read_chunk(torn, 0, keys) is None
 
 
+def section(bodies: list[bytes]) -> list[bytes | memoryview]:
+    """Disk "d"'s section of write records 1.. with ``bodies``, as the pipeline hands it to the log."""
+    records = [write_record_header(1 + i, 0, 0, len(body)) for i, body in enumerate(bodies)]
+    size = sum(map(len, bodies)) + sum(map(len, records))
+    return [section_header("d", 1 << 30, 1, len(bodies), len(bodies), size),
+            *(piece for pair in zip(records, bodies) for piece in pair)]
+
+
+def test_a_chunk_larger_than_the_stream_buffer_reads_back() -> None:
+    """Pieces that straddle the sealer's buffer, one larger than it, and a buffer filled exactly."""
+    straddling = section([os.urandom(700 * 1024), os.urandom(STREAM_BUFFER * 5 // 2), os.urandom(1000)])
+    exact_fill = STREAM_BUFFER - SECTION_HEADER.size - len("d") - RECORD_HEADER.size
+    for pieces in (straddling, section([os.urandom(exact_fill)])):
+        chunk = sealed_chunk(3, pieces)
+        read = read_chunk(chunk, 0, keys)
+        assert read is not None and read.size == len(chunk)
+        assert bytes(read.sections[0].records) == b"".join(pieces[1:])
+
+
 def test_an_altered_chunk_ends_the_log_and_a_foreign_key_is_named() -> None:
-    chunk = bytearray(wal_sealer().seal(1, [section_header("d", 4096, 1, 1, 1, 0)], os.urandom(12)))
+    chunk = bytearray(sealed_chunk(1, [section_header("d", 4096, 1, 1, 1, 0)]))
     chunk[CHUNK_HEADER.size + 3] ^= 1
     assert read_chunk(chunk, 0, keys) is None, "a chunk failing its tag was never acknowledged"
-    other = Sealer(OTHER_KEY)
-    foreign = WalSealer(other.aead, other.key_id).seal(1, [b""], os.urandom(12))
+    foreign = sealed_chunk(1, [b""], OTHER_KEY)
     with pytest.raises(LogBlobError, match=key_id_of(OTHER_KEY).hex()) as info:
         read_chunk(foreign, 0, keys)
     assert OTHER_KEY.hex() not in str(info.value) and KEY.hex() not in str(info.value)
@@ -165,7 +190,7 @@ async def test_a_torn_chunk_at_the_end_of_the_log_is_cut_off(tmp_path: Path, cap
         await write_and_wait_for_ack(first, range(1, 6))
         [segment] = segments(first)
     whole = segment.stat().st_size
-    torn = bytes(wal_sealer().seal(99, [b"x" * 5000], os.urandom(12)))[:3000]
+    torn = sealed_chunk(99, [b"x" * 5000])[:3000]
     segment.write_bytes(segment.read_bytes() + torn)  # the crash came in the middle of the next chunk's write
     with caplog.at_level(logging.WARNING, logger="engine.wal"):
         async with running_pipeline(config, key=KEY) as second:
