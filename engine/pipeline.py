@@ -33,7 +33,7 @@ from engine.disks import DiskInfo
 from engine.spool import Spool, SpooledBlob, UploadWatermarks
 from engine.store import CacheStore
 from engine.store.base import StoreError
-from engine.wal import WriteAheadLog
+from engine.wal import GroupCommitter, Logged, WriteAheadLog
 from protocol import SECTOR_SIZE, ErrorCode, RemoteProtocolError, Tag, Write
 from protocol.logblob import (
     NONCE_SIZE,
@@ -46,7 +46,7 @@ from protocol.logblob import (
     tag_record,
     write_record_header,
 )
-from protocol.wal import WalSealer, WalSection, section_header
+from protocol.wal import WalSealer, WalSection
 
 log = logging.getLogger(__name__)
 
@@ -90,21 +90,6 @@ class FlowListener(Protocol):
 
 AckListener = Callable[[str, int], None]  # (disk, durable_seq)
 Pieces = tuple[bytes | memoryview, ...]  # one record: its header, and its body if it has one
-
-
-@dataclass
-class Logged:
-    """A disk's records waiting for the next write-ahead-log commit."""
-
-    first_seq: int
-    last_seq: int = 0
-    size: int = 0  # records, headers included
-    payload_bytes: int = 0
-    pieces: list[bytes | memoryview] = field(default_factory=list)
-
-    def section(self, info: DiskInfo) -> bytes:
-        return section_header(info.disk, info.size, self.first_seq, self.last_seq,
-                              self.last_seq - self.first_seq + 1, self.size)
 
 
 @dataclass
@@ -228,6 +213,8 @@ class Pipeline:
         self._keys = keys
         self.inflight_bytes = 0
         self.unlogged_bytes = 0
+        self.unlogged_records = 0
+        self._committer: GroupCommitter | None = None  # from start(), after the log's replay
         self.paused = False
         self.flow_listeners: set[FlowListener] = set()
         self.stored_listeners: list[Callable[[], None]] = []
@@ -236,10 +223,6 @@ class Pipeline:
         self._executor = ThreadPoolExecutor(config.seal_threads, thread_name_prefix="seal")
         self._spare_buffers = 2 * config.seal_threads  # sealed-blob buffers kept for reuse (per blob: no os calls)
         self._spool_executor = ThreadPoolExecutor(SPOOL_IO_THREADS, thread_name_prefix="spool")
-        self._wal_executor = ThreadPoolExecutor(1, thread_name_prefix="wal")  # owns self.wal: appends in order
-        self._wal_pending: dict[DiskStream, Logged] = {}
-        self._wal_busy = False  # a commit is scheduled or in flight
-        self._closing = False
         self._buffers: queue.SimpleQueue[bytearray] = queue.SimpleQueue()  # sealed-blob buffers to reuse
         self._upload_queue: asyncio.Queue[Batch] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -297,10 +280,13 @@ class Pipeline:
                 log.info("spool: resuming upload of %d blob(s) of disk %r up to sequence %d",
                          len(stream.uploading), disk, durable)
         spooled = {disk: stream.accepted_seq for disk, stream in self.streams.items()}
-        sections = await asyncio.get_running_loop().run_in_executor(self._wal_executor, self.wal.replay,
-                                                                   self._keys, spooled)
+        sections = await asyncio.to_thread(self.wal.replay, self._keys, spooled)
         self.spool.used_bytes += self.wal.size_bytes
         self._replay(sections)
+        retry = self.config.upload
+        self._committer = GroupCommitter(self.wal, asyncio.get_running_loop(), self._committed, self._log_failed,
+                                         retry_initial_s=retry.retry_initial_ms / 1000,
+                                         retry_max_s=retry.retry_max_ms / 1000)
         self._uploaders = [asyncio.create_task(self._upload_worker(), name=f"upload-{i}")
                            for i in range(self.config.upload.concurrency)]
 
@@ -346,18 +332,17 @@ class Pipeline:
         """Cut every open batch and wait until everything accepted is logged, sealed and uploaded."""
         for stream in self.streams.values():
             self._cut(stream)
-        while self._wal_busy or any(s.sealing or s.uploading for s in self.streams.values()):
+        while self.unlogged_records or any(s.sealing or s.uploading for s in self.streams.values()):
             await asyncio.sleep(0.01)
 
     async def close(self) -> None:
-        self._closing = True
+        if self._committer is not None:
+            await asyncio.to_thread(self._committer.close)
         for task in self._uploaders:
             task.cancel()
         await asyncio.gather(*self._uploaders, *self._tasks, return_exceptions=True)
         self._executor.shutdown(wait=True)
         self._spool_executor.shutdown(wait=True)
-        self._wal_executor.submit(self.wal.close)
-        self._wal_executor.shutdown(wait=True)
 
     # ------------------------------------------------------------ ingest
 
@@ -411,61 +396,27 @@ class Pipeline:
     # ------------------------------------------------------------ write-ahead log (acknowledgements)
 
     def _log(self, stream: DiskStream, seq: int, pieces: Pieces, size: int) -> None:
-        logged = self._wal_pending.get(stream)
-        if logged is None:
-            logged = self._wal_pending[stream] = Logged(seq)
-        logged.last_seq = seq
-        logged.pieces += pieces
-        logged.size += sum(len(piece) for piece in pieces)
-        logged.payload_bytes += size
+        assert self._committer is not None, "Pipeline.start() first"
+        self._committer.log(stream.info.disk, stream.info.size, seq, pieces, size)
         self.unlogged_bytes += size
-        if not self._wal_busy:  # soon, not now: the rest of this socket read joins the same commit
-            self._wal_busy = True
-            asyncio.get_running_loop().call_soon(self._commit)
+        self.unlogged_records += 1
 
-    def _commit(self) -> None:
-        """Group commit: what every disk logged since the previous commit, as one chunk and one
-        fdatasync; the next commit starts when this one is durable, so under load commits grow."""
-        pending, self._wal_pending = self._wal_pending, {}
-        if not pending or self._closing:
-            self._wal_busy = False
-            return
-        pieces: list[bytes | memoryview] = []
-        for stream, logged in pending.items():
-            pieces.append(logged.section(stream.info))
-            pieces += logged.pieces
-        self._write_log(pending, pieces, self.config.upload.retry_initial_ms / 1000)
-
-    def _write_log(self, pending: dict[DiskStream, Logged], pieces: list[bytes | memoryview], retry_s: float) -> None:
-        loop = asyncio.get_running_loop()
-        last_seqs = {stream.info.disk: logged.last_seq for stream, logged in pending.items()}
-
-        def append() -> None:
-            try:
-                outcome: int | OSError = self.wal.append(pieces, last_seqs)
-            except OSError as exc:
-                outcome = exc
-            loop.call_soon_threadsafe(self._committed, pending, pieces, outcome, retry_s)
-
-        if not self._closing:
-            self._wal_executor.submit(append)
-
-    def _committed(self, pending: dict[DiskStream, Logged], pieces: list[bytes | memoryview],
-                   outcome: int | OSError, retry_s: float) -> None:
-        if isinstance(outcome, OSError):  # spool disk full or failing: nothing was acknowledged; keep trying
-            log.error("spool: cannot append to the write-ahead log: %s; retrying in %.1fs", outcome, retry_s)
-            self.stats.spool_errors += 1
-            asyncio.get_running_loop().call_later(retry_s, self._write_log, pending, pieces,
-                                                  min(retry_s * 2, self.config.upload.retry_max_ms / 1000))
-            return
-        self.spool.used_bytes += outcome
-        for stream, logged in pending.items():
-            self.unlogged_bytes -= logged.payload_bytes
-            stream.durable_seq = logged.last_seq
+    def _committed(self, logged: list[Logged], chunk_bytes: int) -> None:
+        """On the loop, once a commit is durable: acknowledge."""
+        self.spool.used_bytes += chunk_bytes
+        for entry in logged:
+            self.unlogged_bytes -= entry.payload_bytes
+            self.unlogged_records -= entry.records
+            stream = self.streams[entry.disk]
+            stream.durable_seq = entry.last_seq
             for listener in list(stream.listeners.values()):
-                listener(stream.info.disk, stream.durable_seq)
-        self._commit()  # what arrived meanwhile
+                listener(entry.disk, entry.last_seq)
         self._update_flow()
+
+    def _log_failed(self, exc: OSError, retry_s: float) -> None:
+        # spool disk full or failing: nothing in the commit was acknowledged; the committer keeps trying
+        log.error("spool: cannot append to the write-ahead log: %s; retrying in %.1fs", exc, retry_s)
+        self.stats.spool_errors += 1
 
     # ------------------------------------------------------------ seal + spool
 
@@ -615,8 +566,7 @@ class Pipeline:
         # only now may the spool forget them
         await asyncio.to_thread(_unlink_all, [batch.path for batch in released if batch.path is not None])
         self.spool.used_bytes -= sum(batch.size for batch in released)
-        freed = await asyncio.get_running_loop().run_in_executor(self._wal_executor, self.wal.release,
-                                                                 self._saved_watermarks)
+        freed = await asyncio.to_thread(self.wal.release, self._saved_watermarks)
         self.spool.used_bytes -= freed  # not `-= await`: that would read used_bytes before the await
         self._update_flow()
 

@@ -6,22 +6,25 @@ but not yet in the cache store: a segment is deleted once every disk it holds re
 watermark (the saved one) at or past that segment's last sequence.
 
 Appending to one open file costs a write and an fdatasync; a file per blob cost an inode allocation,
-a rename and two fsyncs, and waited for lz4 before it could start. Blocking throughout: every method
-runs on the pipeline's single log thread, so the segment bookkeeping needs no lock.
+a rename and two fsyncs, and waited for lz4 before it could start. :class:`GroupCommitter` is the thread
+that appends: it starts the next commit as soon as the previous one is durable, without waiting for the
+busy event loop in between.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.fsutil import fsync_dir, private_dir
 from protocol import LogBlobError
 from protocol.logblob import NONCE_SIZE, KeyLookup
-from protocol.wal import WalSealer, WalSection, read_chunk
+from protocol.wal import WalSealer, WalSection, read_chunk, section_header
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,9 @@ class Segment:
 
 
 class WriteAheadLog:
+    """Segment files and their bookkeeping. Blocking; thread-safe (the committer appends while a
+    worker thread releases)."""
+
     def __init__(self, directory: Path, sealer: WalSealer, *, fsync: bool = True) -> None:
         self.directory = private_dir(directory)
         self.sealer = sealer
@@ -49,6 +55,7 @@ class WriteAheadLog:
         self._fd: int | None = None
         self._next_segment = 1
         self._next_chunk = 1
+        self._lock = threading.Lock()
 
     def replay(self, keys: KeyLookup, after: dict[str, int]) -> list[WalSection]:
         """At start-up: the sections the previous runs logged, in log order, except those whose disk is
@@ -87,6 +94,10 @@ class WriteAheadLog:
         return sum(s.size for s in self._closed) + (self._open.size if self._open else 0)
 
     def append(self, pieces: Sequence[bytes | memoryview], last_seqs: dict[str, int]) -> int:
+        with self._lock:
+            return self._append(pieces, last_seqs)
+
+    def _append(self, pieces: Sequence[bytes | memoryview], last_seqs: dict[str, int]) -> int:
         """Append one chunk (section headers and records, concatenated) durably; returns its size.
 
         On an error (a full or failing disk) the segment is closed where it stood before and the next
@@ -117,18 +128,16 @@ class WriteAheadLog:
     def release(self, watermarks: dict[str, int]) -> int:
         """Delete the closed segments everything of which is in the cache store; returns the bytes freed.
         ``watermarks`` must be the *saved* upload watermarks: a restart recovers from those."""
-        keep, freed = [], 0
-        for segment in self._closed:
-            if segment.covered_by(watermarks):
-                segment.path.unlink(missing_ok=True)
-                freed += segment.size
-            else:
-                keep.append(segment)
-        self._closed = keep
-        return freed
+        with self._lock:
+            done = [segment for segment in self._closed if segment.covered_by(watermarks)]
+            self._closed = [segment for segment in self._closed if segment not in done]
+        for segment in done:
+            segment.path.unlink(missing_ok=True)
+        return sum(segment.size for segment in done)
 
     def close(self) -> None:
-        self._close_open()
+        with self._lock:
+            self._close_open()
 
     def _writable(self) -> tuple[Segment, int]:
         if self._open is None or self._fd is None:
@@ -153,3 +162,103 @@ class WriteAheadLog:
             self._fd = None
         self._closed.append(self._open)
         self._open = None
+
+
+@dataclass
+class Logged:
+    """A disk's records waiting for the next commit."""
+
+    disk: str
+    disk_size: int
+    first_seq: int
+    last_seq: int = 0
+    records: int = 0
+    size: int = 0  # record bytes, headers included
+    payload_bytes: int = 0
+    pieces: list[bytes | memoryview] = field(default_factory=list)
+
+    def section(self) -> bytes:
+        return section_header(self.disk, self.disk_size, self.first_seq, self.last_seq, self.records, self.size)
+
+
+class GroupCommitter:
+    """The log's writer thread: everything logged since its previous commit, for every disk, goes into
+    one chunk and one fdatasync, and the next commit starts as soon as that one is durable (under load
+    commits grow, they do not queue). Only the acknowledgements go back through the event loop; a loop
+    round trip between commits cost milliseconds on a busy machine.
+
+    ``log`` runs on the event loop; ``on_committed(logged, chunk_bytes)`` and ``on_error(exc, retry_s)``
+    are called there. A failed append (full or failing disk) is retried with back-off, nothing
+    acknowledged meanwhile.
+    """
+
+    def __init__(self, wal: WriteAheadLog, loop: asyncio.AbstractEventLoop,
+                 on_committed: Callable[[list[Logged], int], None], on_error: Callable[[OSError, float], None], *,
+                 retry_initial_s: float, retry_max_s: float) -> None:
+        self.wal = wal
+        self._loop = loop
+        self._on_committed = on_committed
+        self._on_error = on_error
+        self._retry = (retry_initial_s, retry_max_s)
+        self._cond = threading.Condition()
+        self._pending: dict[str, Logged] = {}
+        self._waking = False  # a wake-up is scheduled on the loop
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="wal-commit", daemon=True)
+        self._thread.start()
+
+    def log(self, disk: str, disk_size: int, seq: int, pieces: Sequence[bytes | memoryview], payload_bytes: int) -> None:
+        with self._cond:
+            logged = self._pending.get(disk)
+            if logged is None:
+                logged = self._pending[disk] = Logged(disk, disk_size, seq)
+            logged.last_seq = seq
+            logged.records += 1
+            logged.pieces += pieces
+            logged.size += sum(map(len, pieces))
+            logged.payload_bytes += payload_bytes
+        if not self._waking:  # soon, not now: the rest of this socket read joins the same commit
+            self._waking = True
+            self._loop.call_soon(self._wake)
+
+    def _wake(self) -> None:
+        self._waking = False
+        with self._cond:
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Blocking: stop after the commit in flight (what is still pending was never acknowledged)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
+        self.wal.close()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if self._closing:
+                    return
+                logged, self._pending = list(self._pending.values()), {}
+            pieces: list[bytes | memoryview] = []
+            for entry in logged:
+                pieces.append(entry.section())
+                pieces += entry.pieces
+            size = self._append(pieces, {entry.disk: entry.last_seq for entry in logged})
+            if size is None:
+                return
+            self._loop.call_soon_threadsafe(self._on_committed, logged, size)
+
+    def _append(self, pieces: list[bytes | memoryview], last_seqs: dict[str, int]) -> int | None:
+        retry_s, retry_max_s = self._retry
+        while True:
+            try:
+                return self.wal.append(pieces, last_seqs)
+            except OSError as exc:
+                self._loop.call_soon_threadsafe(self._on_error, exc, retry_s)
+            with self._cond:
+                if self._cond.wait_for(lambda: self._closing, timeout=retry_s):
+                    return None
+            retry_s = min(retry_s * 2, retry_max_s)
