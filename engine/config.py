@@ -79,8 +79,10 @@ class BatchConfig(_Section):
 
 
 class PipelineConfig(_Section):
-    max_inflight_bytes: ByteSize = Field(ByteSize(64 * 1024 * 1024), ge=1024 * 1024,
-                                         description="Payload bytes received but not yet durable, over all disks; "
+    max_inflight_bytes: ByteSize = Field(ByteSize(64 * 1024 * 1024), ge=1024 * 1024, le=2 * 1024**3,
+                                         description="Payload bytes received but not yet sealed (or not yet logged), "
+                                                     "over all disks, at most 2GiB (one log commit must fit the "
+                                                     "log's 32-bit chunk length); "
                                                      "beyond it the server stops reading agent sockets (backpressure). "
                                                      "More only queues: at 90 % load 128MiB doubled ack p99 over "
                                                      "64MiB; 32MiB and less cost throughput (docs/benchmarks.md).")

@@ -22,7 +22,7 @@ import queue
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +33,7 @@ from engine.disks import DiskInfo
 from engine.spool import Spool, SpooledBlob, UploadWatermarks
 from engine.store import CacheStore
 from engine.store.base import StoreError
-from engine.wal import GroupCommitter, Logged, WriteAheadLog
+from engine.wal import SEGMENT_BYTES, GroupCommitter, Logged, WriteAheadLog
 from protocol import SECTOR_SIZE, ErrorCode, RemoteProtocolError, Tag, Write
 from protocol.logblob import (
     NONCE_SIZE,
@@ -209,7 +209,10 @@ class Pipeline:
         current_key = keys(sealer.key_id)
         if current_key is None:
             raise ValueError(f"the sealing key (id {sealer.key_id.hex()}) is not in the key ring")
-        self.wal = WriteAheadLog(spool.directory / ".wal", WalSealer(current_key), fsync=spool.fsync)
+        # segments at most an eighth of the spool: only closed segments can be released
+        self.wal = WriteAheadLog(spool.directory / ".wal", WalSealer(current_key), fsync=spool.fsync,
+                                 segment_bytes=min(SEGMENT_BYTES, spool.max_bytes // 8))
+        self._closed_segments_seen = 0
         self._keys = keys
         self.inflight_bytes = 0
         self.unlogged_bytes = 0
@@ -279,7 +282,7 @@ class Pipeline:
             if blobs:
                 log.info("spool: resuming upload of %d blob(s) of disk %r up to sequence %d",
                          len(stream.uploading), disk, durable)
-        spooled = {disk: stream.accepted_seq for disk, stream in self.streams.items()}
+        spooled = {**self.watermarks.seqs, **{disk: stream.accepted_seq for disk, stream in self.streams.items()}}
         sections = await asyncio.to_thread(self.wal.replay, self._keys, spooled)
         self.spool.used_bytes += self.wal.size_bytes
         self._replay(sections)
@@ -305,7 +308,7 @@ class Pipeline:
             if stream is None:  # a logged disk whose registration was lost: the log knows its size
                 stream = self.streams[section.disk] = DiskStream(
                     DiskInfo(section.disk, "", section.disk_size, SECTOR_SIZE), self.watermarks.seqs.get(section.disk, 0))
-            for record in iter_records(section.records, section.blob_header()):
+            for record in iter_records(section.records, section.blob_header(), name="(write-ahead log)"):
                 if record.seq <= stream.accepted_seq:
                     continue
                 if record.seq != stream.accepted_seq + 1:  # chunks are appended in order: only damage does this
@@ -336,9 +339,10 @@ class Pipeline:
             await asyncio.sleep(0.01)
 
     async def close(self) -> None:
+        """Stop without draining: whatever is not sealed or stored yet is in the log, for the next start."""
         if self._committer is not None:
             await asyncio.to_thread(self._committer.close)
-        for task in self._uploaders:
+        for task in [*self._uploaders, *self._tasks]:  # a seal may be retrying a full spool for good
             task.cancel()
         await asyncio.gather(*self._uploaders, *self._tasks, return_exceptions=True)
         self._executor.shutdown(wait=True)
@@ -411,12 +415,27 @@ class Pipeline:
             stream.durable_seq = entry.last_seq
             for listener in list(stream.listeners.values()):
                 listener(entry.disk, entry.last_seq)
+        if self.wal.closed_segments != self._closed_segments_seen:
+            # a segment closed after its writes were stored would otherwise wait for the next upload,
+            # and with ingest paused on a full spool there may be none
+            self._closed_segments_seen = self.wal.closed_segments
+            self._spawn(self._release_log())
         self._update_flow()
 
-    def _log_failed(self, exc: OSError, retry_s: float) -> None:
+    def _log_failed(self, exc: Exception, retry_s: float) -> None:
         # spool disk full or failing: nothing in the commit was acknowledged; the committer keeps trying
         log.error("spool: cannot append to the write-ahead log: %s; retrying in %.1fs", exc, retry_s)
         self.stats.spool_errors += 1
+
+    async def _release_log(self) -> None:
+        freed = await asyncio.to_thread(self.wal.release, self._saved_watermarks)
+        self.spool.used_bytes -= freed  # not `-= await`: that would read used_bytes before the await
+        self._update_flow()
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # ------------------------------------------------------------ seal + spool
 
@@ -440,9 +459,7 @@ class Pipeline:
             stream.linger.cancel()
             stream.linger = None
         stream.sealing.append(batch)
-        task = asyncio.create_task(self._seal(stream, batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._seal(stream, batch))
 
     async def _seal(self, stream: DiskStream, batch: Batch) -> None:
         """Seal on the CPU pool, then write and fsync on the spool pool: fsyncs wait on the disk, not
@@ -566,9 +583,7 @@ class Pipeline:
         # only now may the spool forget them
         await asyncio.to_thread(_unlink_all, [batch.path for batch in released if batch.path is not None])
         self.spool.used_bytes -= sum(batch.size for batch in released)
-        freed = await asyncio.to_thread(self.wal.release, self._saved_watermarks)
-        self.spool.used_bytes -= freed  # not `-= await`: that would read used_bytes before the await
-        self._update_flow()
+        await self._release_log()
 
     async def _save_watermarks(self) -> None:
         """Persist the upload watermarks; callers that arrive during a save share the next one.
@@ -587,7 +602,17 @@ class Pipeline:
                 await asyncio.sleep(wait)  # the updates of this interval join this save
             self._watermarks_dirty = False
             snapshot = dict(self.watermarks.seqs)
-            await asyncio.to_thread(self.watermarks.save, snapshot)
+            delay = self.config.upload.retry_initial_ms / 1000
+            while True:  # until saved: the spool and the log keep everything after the last saved watermark
+                try:
+                    await asyncio.to_thread(self.watermarks.save, snapshot)
+                    break
+                except OSError as exc:
+                    log.error("cannot save the upload watermarks to %s: %s; retrying in %.1fs",
+                              self.watermarks.path, exc, delay)
+                    self.stats.spool_errors += 1
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.config.upload.retry_max_ms / 1000)
             self._saved_watermarks = snapshot
             self._last_watermark_save = time.monotonic()
 

@@ -17,18 +17,18 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.fsutil import fsync_dir, private_dir
 from protocol import LogBlobError
 from protocol.logblob import NONCE_SIZE, KeyLookup
-from protocol.wal import WalSealer, WalSection, read_chunk, section_header
+from protocol.wal import WAL_MAGIC, WalChunk, WalSealer, WalSection, read_chunk, section_header
 
 log = logging.getLogger(__name__)
 
-SEGMENT_BYTES = 64 * 1024 * 1024  # a segment is closed (and may be deleted) once it grows past this
+SEGMENT_BYTES = 64 * 1024 * 1024  # a segment is closed (and may be deleted) once it grows past this (at most)
 SEGMENT_SUFFIX = ".wal"
 
 
@@ -46,10 +46,13 @@ class WriteAheadLog:
     """Segment files and their bookkeeping. Blocking; thread-safe (the committer appends while a
     worker thread releases)."""
 
-    def __init__(self, directory: Path, sealer: WalSealer, *, fsync: bool = True) -> None:
+    def __init__(self, directory: Path, sealer: WalSealer, *, fsync: bool = True,
+                 segment_bytes: int = SEGMENT_BYTES) -> None:
         self.directory = private_dir(directory)
         self.sealer = sealer
         self.fsync = fsync
+        self.segment_bytes = segment_bytes
+        self.closed_segments = 0  # segments closed so far: each one is a chance to release
         self._closed: list[Segment] = []
         self._open: Segment | None = None
         self._fd: int | None = None
@@ -59,19 +62,20 @@ class WriteAheadLog:
 
     def replay(self, keys: KeyLookup, after: dict[str, int]) -> list[WalSection]:
         """At start-up: the sections the previous runs logged, in log order, except those whose disk is
-        already durable past them elsewhere (``after``: disk -> sequence held by the spool's blobs or the
-        cache store), so that only what was never sealed is held in memory.
+        already durable past them elsewhere (``after``: disk -> sequence held by the cache store or the
+        spool's blobs), so that only what was never sealed is held in memory.
 
-        A segment ends at its first chunk that is incomplete or fails authentication: a write cut short
-        by a crash, never acknowledged. That tail is cut off, so that after this run's segments follow
-        it, it cannot be mistaken for damage in the middle of the log.
+        What cannot be read as a chunk is skipped up to the next chunk that can: at the end of a
+        segment that is a write cut short by a crash or a failed append (never acknowledged); anything
+        else is damage, reported, and the disks' sequence checks in the pipeline say what it cost.
+        Segments are synced before anything in them counts as durable: a kill -9 between a chunk's
+        write and its fdatasync leaves it complete in the page cache only.
         """
         sections: list[WalSection] = []
         for path in sorted(self.directory.glob("*" + SEGMENT_SUFFIX)):
             data = path.read_bytes()
             segment = Segment(path, len(data))
-            offset = 0
-            while (chunk := read_chunk(data, offset, keys, name=str(path))) is not None:
+            for offset, chunk in self._chunks(data, keys, path):
                 if chunk.number < self._next_chunk:
                     raise LogBlobError(f"write-ahead log chunk {chunk.number} at offset {offset} follows chunk "
                                        f"{self._next_chunk - 1}: segments out of order", name=str(path))
@@ -79,15 +83,38 @@ class WriteAheadLog:
                 for section in chunk.sections:
                     segment.last_seqs[section.disk] = max(segment.last_seqs.get(section.disk, 0), section.last_seq)
                 sections += [s for s in chunk.sections if s.last_seq > after.get(s.disk, 0)]
-                offset += chunk.size
-            if offset < len(data):
-                log.warning("write-ahead log: %s ends with %d bytes that are not a complete chunk (a write cut "
-                            "short by a crash, never acknowledged); cut off", path, len(data) - offset)
-                os.truncate(path, offset)
-                segment.size = offset
+            if self.fsync:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
             self._closed.append(segment)
             self._next_segment = int(path.stem) + 1
+        if self.fsync:
+            fsync_dir(self.directory)
         return sections
+
+    @staticmethod
+    def _chunks(data: bytes, keys: KeyLookup, path: Path) -> Iterator[tuple[int, WalChunk]]:
+        offset = 0
+        while offset < len(data):
+            chunk = read_chunk(data, offset, keys, name=str(path))
+            if chunk is not None:
+                yield offset, chunk
+                offset += chunk.size
+                continue
+            resume = data.find(WAL_MAGIC, offset + 1)
+            while resume >= 0 and read_chunk(data, resume, keys, name=str(path)) is None:
+                resume = data.find(WAL_MAGIC, resume + 1)
+            if resume < 0:
+                log.warning("write-ahead log: %s ends with %d bytes at offset %d that are not a complete chunk (a "
+                            "write cut short by a crash or a failed append, never acknowledged); skipped",
+                            path, len(data) - offset, offset)
+                return
+            log.error("write-ahead log: %s has %d damaged bytes at offset %d; skipped to the next chunk",
+                      path, resume - offset, offset)
+            offset = resume
 
     @property
     def size_bytes(self) -> int:
@@ -101,27 +128,29 @@ class WriteAheadLog:
         """Append one chunk (section headers and records, concatenated) durably; returns its size.
 
         On an error (a full or failing disk) the segment is closed where it stood before and the next
-        attempt starts a new one: a torn chunk must end its segment, and after a failed fsync the page
-        cache cannot be trusted to hold what was written.
+        attempt starts a new one with the next chunk number: a torn chunk must end its segment, and
+        after a failed fsync the page cache cannot be trusted to hold what was written.
         """
         segment, fd = self._writable()
+        number = self._next_chunk
+        self._next_chunk += 1  # used up even if this append fails: its bytes may survive in the old segment
         written = 0
         try:
-            for view in self.sealer.seal(self._next_chunk, pieces, os.urandom(NONCE_SIZE)):
+            for view in self.sealer.seal(number, pieces, os.urandom(NONCE_SIZE)):
                 while view:
                     done = os.write(fd, view)
                     view = view[done:]
                     written += done
             if self.fsync:
                 os.fdatasync(fd)
-        except OSError:
+        except OSError as exc:
             self._close_open(truncate_to=segment.size)
+            exc.filename = str(segment.path)
             raise
-        self._next_chunk += 1
         segment.size += written
         for disk, seq in last_seqs.items():
             segment.last_seqs[disk] = max(segment.last_seqs.get(disk, 0), seq)
-        if segment.size >= SEGMENT_BYTES:
+        if segment.size >= self.segment_bytes:
             self._close_open()
         return written
 
@@ -142,11 +171,16 @@ class WriteAheadLog:
     def _writable(self) -> tuple[Segment, int]:
         if self._open is None or self._fd is None:
             path = self.directory / f"{self._next_segment:020d}{SEGMENT_SUFFIX}"
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
             self._next_segment += 1
-            self._open = Segment(path)
-            if self.fsync:
-                fsync_dir(self.directory)  # the segment's name must survive a crash as its chunks do
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+            try:
+                if self.fsync:
+                    fsync_dir(self.directory)  # the segment's name must survive a crash as its chunks do
+            except OSError:
+                os.close(fd)  # left empty: replay reads nothing from it, and the next release deletes it
+                self._closed.append(Segment(path))
+                raise
+            self._open, self._fd = Segment(path), fd
         return self._open, self._fd
 
     def _close_open(self, truncate_to: int | None = None) -> None:
@@ -155,13 +189,14 @@ class WriteAheadLog:
         try:
             if truncate_to is not None:
                 os.ftruncate(self._fd, truncate_to)
-        except OSError as exc:  # the tail is cut at replay instead
+        except OSError as exc:  # replay skips the torn chunk
             log.warning("write-ahead log: cannot cut %s back to %d bytes: %s", self._open.path, truncate_to, exc)
         finally:
             os.close(self._fd)
             self._fd = None
         self._closed.append(self._open)
         self._open = None
+        self.closed_segments += 1
 
 
 @dataclass
@@ -189,11 +224,11 @@ class GroupCommitter:
 
     ``log`` runs on the event loop; ``on_committed(logged, chunk_bytes)`` and ``on_error(exc, retry_s)``
     are called there. A failed append (full or failing disk) is retried with back-off, nothing
-    acknowledged meanwhile.
+    acknowledged meanwhile, and reported each time.
     """
 
     def __init__(self, wal: WriteAheadLog, loop: asyncio.AbstractEventLoop,
-                 on_committed: Callable[[list[Logged], int], None], on_error: Callable[[OSError, float], None], *,
+                 on_committed: Callable[[list[Logged], int], None], on_error: Callable[[Exception, float], None], *,
                  retry_initial_s: float, retry_max_s: float) -> None:
         self.wal = wal
         self._loop = loop
@@ -256,7 +291,7 @@ class GroupCommitter:
         while True:
             try:
                 return self.wal.append(pieces, last_seqs)
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001 - this thread must not die: nothing would be acked again
                 self._loop.call_soon_threadsafe(self._on_error, exc, retry_s)
             with self._cond:
                 if self._cond.wait_for(lambda: self._closing, timeout=retry_s):

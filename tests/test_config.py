@@ -78,7 +78,7 @@ def test_render_defaults_spelling():
     for header in ("[server]", "[batch]", "[pipeline]", "[spool]", "[upload]", "[store]", "[keys]", "[applier]"):
         assert header in lines
     assert 'max_bytes = "4MiB"  # size (bytes), >= 4KiB' in lines          # human size, accepted back
-    assert 'max_inflight_bytes = "64MiB"  # size (bytes), >= 1MiB' in lines
+    assert 'max_inflight_bytes = "64MiB"  # size (bytes), >= 1MiB, <= 2GiB' in lines
     assert 'max_bytes = "8GiB"  # size (bytes), >= 1MiB' in lines
     # not a whole unit: written exactly as an integer, never rounded to "4.0MiB"
     assert "max_frame_bytes = 4194368  # size (bytes); 4MiB + 64B" in lines
@@ -295,14 +295,19 @@ def test_utf8_file_is_read_as_utf8(tmp_path):
     ('"512KB"', 512_000),
     ('"512KiB"', 512 * 1024),
     ('"1.5MiB"', 3 * MiB // 2),
-    ('"8GiB"', 8 * 1024 * MiB),
+    ('"1GiB"', 1024 * MiB),
     ("16777216", 16 * MiB),
 ])
 def test_size_strings_are_accepted(tmp_path, text, expected):
-    cfg = load_config(write(tmp_path, f"[batch]\nmax_bytes = {text}\n[pipeline]\nmax_inflight_bytes = \"20GiB\"\n"))
+    cfg = load_config(write(tmp_path, f"[batch]\nmax_bytes = {text}\n[pipeline]\nmax_inflight_bytes = \"2GiB\"\n"))
     assert cfg.batch.max_bytes == expected
     assert isinstance(cfg.batch.max_bytes, int)
-    assert cfg.pipeline.max_inflight_bytes == 20 * 1024**3
+    assert cfg.pipeline.max_inflight_bytes == 2 * 1024**3
+
+
+def test_inflight_is_capped_by_what_one_log_commit_can_hold():
+    assert "pipeline.max_inflight_bytes: Input should be less than or equal to 2147483648" in error_of(
+        {"pipeline": {"max_inflight_bytes": "3GiB"}})
 
 
 def test_inflight_must_be_at_least_twice_the_batch():

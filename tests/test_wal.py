@@ -14,13 +14,18 @@ from hypothesis import strategies as st
 from support import make_config, running_pipeline, wait_for
 from test_spool_recovery import FullSpool
 
+import engine.pipeline
 import engine.wal
+from engine.config import Config
+from engine.disks import DiskInfo
 from engine.pipeline import Pipeline
-from protocol import LogBlobError, Write
+from engine.spool import Spool
+from protocol import LogBlobError, Tag, TagKind, Write
 from protocol.logblob import (
     GCM_TAG_SIZE,
     RECORD_HEADER,
     WriteRecord,
+    blob_name,
     iter_records,
     key_id_of,
     open_blob,
@@ -124,7 +129,7 @@ def test_an_altered_chunk_ends_the_log_and_a_foreign_key_is_named() -> None:
 async def test_the_ack_waits_for_the_log_not_for_the_blob(tmp_path: Path) -> None:
     """A spool that cannot write blobs at all still acknowledges: the writes are in the log."""
     config = make_config(tmp_path / "data")
-    async with running_pipeline(config, spool=FullSpool(config.spool_dir, 1 << 30, failures=10**9), key=KEY) as pipeline:
+    async with running_pipeline(config, spool=never_spooled(config), key=KEY) as pipeline:
         await write_and_wait_for_ack(pipeline, range(1, 11))
         assert pipeline.streams["d"].durable_seq == 10 and await pipeline.store.list_blobs() == []
         assert not list(config.spool_dir.glob("d/*.bflog")), "no blob was written"
@@ -158,17 +163,26 @@ async def test_a_full_log_disk_delays_the_ack_until_the_chunk_is_written(tmp_pat
 # ---------------------------------------------------------------- restarts
 
 
-async def test_acknowledged_writes_never_sealed_are_replayed_after_a_restart(tmp_path: Path) -> None:
+def never_spooled(config: Config) -> FullSpool:
+    """A spool that never manages to write a blob: everything acknowledged stays in the log only."""
+    return FullSpool(config.spool_dir, 1 << 30, failures=10**9)
+
+
+async def test_acknowledged_writes_never_sealed_are_replayed_after_restarts(tmp_path: Path) -> None:
     config = make_config(tmp_path / "data")
-    async with running_pipeline(config, spool=FullSpool(config.spool_dir, 1 << 30, failures=10**9), key=KEY) as first:
+    async with running_pipeline(config, spool=never_spooled(config), key=KEY) as first:
         await write_and_wait_for_ack(first, range(1, 41))
-    # the first run stopped with everything acknowledged and nothing sealed (as a kill -9 would leave it)
-    async with running_pipeline(config, key=KEY) as second:
+    # the first run stopped with everything acknowledged and nothing sealed (as a kill -9 would leave it);
+    # the second replays it, takes more, and stops again before anything is stored
+    async with running_pipeline(config, spool=never_spooled(config), key=KEY) as second:
         assert second.streams["d"].durable_seq == 40, "the agent resumes after what was acknowledged"
-        await second.drain()
-        assert await stored_writes(second) == {seq: bytes([seq]) * 4096 for seq in range(1, 41)}
-        await wait_for(lambda: not segments(second), "the replayed log's release once stored")
-        assert second.spool.used_bytes == 0
+        await write_and_wait_for_ack(second, range(41, 61))
+    async with running_pipeline(config, key=KEY) as third:
+        assert third.streams["d"].durable_seq == 60
+        await third.drain()
+        assert await stored_writes(third) == {seq: bytes([seq]) * 4096 for seq in range(1, 61)}
+        await wait_for(lambda: not segments(third), "the replayed log's release once stored")
+        assert third.spool.used_bytes == 0
 
 
 async def test_a_restart_replays_only_what_the_spool_and_store_do_not_hold(tmp_path: Path) -> None:
@@ -176,7 +190,7 @@ async def test_a_restart_replays_only_what_the_spool_and_store_do_not_hold(tmp_p
     async with running_pipeline(config, key=KEY) as first:
         await write_and_wait_for_ack(first, range(1, 11))
         await first.drain()  # 1..10 stored
-    async with running_pipeline(config, spool=FullSpool(config.spool_dir, 1 << 30, failures=10**9), key=KEY) as second:
+    async with running_pipeline(config, spool=never_spooled(config), key=KEY) as second:
         await write_and_wait_for_ack(second, range(11, 21))  # logged only
     async with running_pipeline(config, key=KEY) as third:
         assert third.streams["d"].durable_seq == 20
@@ -184,9 +198,59 @@ async def test_a_restart_replays_only_what_the_spool_and_store_do_not_hold(tmp_p
         assert await stored_writes(third) == {seq: bytes([seq]) * 4096 for seq in range(1, 21)}
 
 
-async def test_a_torn_chunk_at_the_end_of_the_log_is_cut_off(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_tags_and_a_disk_known_only_from_the_log_replay_from_a_shared_chunk(tmp_path: Path) -> None:
+    config = make_config(tmp_path / "data", batch={"linger_ms": 60_000})  # only tags and drain cut batches
+    async with running_pipeline(config, spool=never_spooled(config), key=KEY) as first:
+        d, e = first.streams["d"], first.stream(DiskInfo("e", "agent-1", 1 << 20, 4096))
+        acked: list[tuple[str, int]] = []
+        for stream in (d, e):
+            stream.listeners[object()] = lambda disk, seq: acked.append((disk, seq))
+        # in one loop iteration: one commit, one chunk with a section per disk
+        first.accept_write(d, Write.make(1, 1, 0, b"d" * 4096, 1))
+        first.accept_tag(d, Tag(1, 2, TagKind.APP, "app-1", 2))
+        first.accept_write(d, Write.make(1, 3, 4096, b"D" * 4096, 3))
+        first.accept_write(e, Write.make(2, 1, 8192, b"e" * 4096, 4))
+        await wait_for(lambda: len(acked) == 2, "the acks of both disks")
+        assert sorted(acked) == [("d", 3), ("e", 1)], "one commit acknowledged both"
+    async with running_pipeline(config, key=KEY) as second:  # registers "d" only
+        assert second.streams["d"].durable_seq == 3 and second.streams["e"].durable_seq == 1
+        assert second.streams["e"].info.size == 1 << 20, "the log knows the size of a disk it holds"
+        await second.drain()
+        names = await second.store.list_blobs()
+        assert names == [blob_name("d", 1, 2), blob_name("d", 3, 3), blob_name("e", 1, 1)], "a tag ends its blob"
+        header, records = open_blob(await second.store.get(names[0]), keys)
+        assert [type(r).__name__ for r in iter_records(records, header)] == ["WriteRecord", "TagRecord"]
+
+
+async def test_a_failed_append_moves_to_a_new_segment_and_loses_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """fdatasync fails once (EIO, as a failing disk answers): the chunk is written again to a new segment,
+    the ack waits for that, and a restart reads both segments without complaint."""
+    config = make_config(tmp_path / "data", upload={"retry_initial_ms": 20})
+    async with running_pipeline(config, spool=never_spooled(config), key=KEY) as first:
+        real_fdatasync = os.fdatasync
+        failures = [OSError(errno.EIO, "Input/output error")]
+
+        def failing_once(fd: int) -> None:
+            if failures:
+                raise failures.pop()
+            real_fdatasync(fd)
+
+        monkeypatch.setattr(engine.wal.os, "fdatasync", failing_once)
+        await write_and_wait_for_ack(first, range(1, 21))
+        assert first.stats.spool_errors == 1
+        assert [path.name for path in segments(first)] == [f"{2:020d}.wal"], "the first one, cut back empty, went"
+        monkeypatch.setattr(engine.wal.os, "fdatasync", real_fdatasync)
+    assert f"Input/output error: '{config.spool_dir / '.wal' / f'{1:020d}.wal'}'" in caplog.text, "names the segment"
+    async with running_pipeline(config, key=KEY) as second:
+        assert second.streams["d"].durable_seq == 20
+        await second.drain()
+        assert sorted(await stored_writes(second)) == list(range(1, 21))
+
+
+async def test_a_torn_chunk_at_the_end_of_the_log_is_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     config = make_config(tmp_path / "data")
-    async with running_pipeline(config, spool=FullSpool(config.spool_dir, 1 << 30, failures=10**9), key=KEY) as first:
+    async with running_pipeline(config, spool=never_spooled(config), key=KEY) as first:
         await write_and_wait_for_ack(first, range(1, 6))
         [segment] = segments(first)
     whole = segment.stat().st_size
@@ -195,15 +259,63 @@ async def test_a_torn_chunk_at_the_end_of_the_log_is_cut_off(tmp_path: Path, cap
     with caplog.at_level(logging.WARNING, logger="engine.wal"):
         async with running_pipeline(config, key=KEY) as second:
             assert second.streams["d"].durable_seq == 5
-            assert segment.stat().st_size == whole, "the torn tail is cut off"
             await second.drain()
             assert sorted(await stored_writes(second)) == [1, 2, 3, 4, 5]
-    assert "3000 bytes that are not a complete chunk" in caplog.text
+    assert f"3000 bytes at offset {whole} that are not a complete chunk" in caplog.text
+
+
+async def test_damage_inside_the_log_is_skipped_to_the_next_chunk_and_reported(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = make_config(tmp_path / "data")
+    async with running_pipeline(config, spool=never_spooled(config), key=KEY) as first:
+        ends = []
+        for start in (1, 4, 7):  # three commits, three chunks
+            await write_and_wait_for_ack(first, range(start, start + 3))
+            ends.append(first.wal.size_bytes)
+        [segment] = segments(first)
+    data = bytearray(segment.read_bytes())
+    data[ends[0] + 100] ^= 0xFF  # inside the second chunk
+    segment.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        async with running_pipeline(config, key=KEY) as second:
+            assert second.streams["d"].durable_seq == 3, "nothing after the hole counts"
+    assert f"{ends[1] - ends[0]} damaged bytes at offset {ends[0]}" in caplog.text
+    assert "continues at sequence 7 after 3" in caplog.text, "the third chunk was found and its gap reported"
+
+
+async def test_segments_are_kept_until_the_saved_watermark_covers_them(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine.pipeline, "SEGMENT_BYTES", 64 * 1024)
+    config = make_config(tmp_path / "data")
+    async with running_pipeline(config, spool=never_spooled(config), key=KEY, disk_size=64 << 20) as first:
+        for start in range(1, 200, 40):  # closes segments, none stored: a release after each must keep them
+            await write_and_wait_for_ack(first, range(start, start + 40))
+        await asyncio.sleep(0.1)
+        assert len(segments(first)) >= 5
+    async with running_pipeline(config, key=KEY, disk_size=64 << 20) as second:
+        assert second.streams["d"].durable_seq == 200
+        await second.drain()
+        assert sorted(await stored_writes(second)) == list(range(1, 201))
+
+
+async def test_a_spool_smaller_than_a_segment_does_not_stall_ingest(tmp_path: Path) -> None:
+    """Segments are at most an eighth of the spool, and one closed after its writes were stored is
+    released at once: otherwise a full spool would pause ingest with nothing left to free it."""
+    config = make_config(tmp_path / "data", batch={"max_bytes": 256 * 1024, "linger_ms": 5},
+                         pipeline={"max_inflight_bytes": 1 << 20})
+    async with running_pipeline(config, spool=Spool(config.spool_dir, 4 << 20), key=KEY,
+                                disk_size=64 << 20) as pipeline:
+        stream = pipeline.streams["d"]
+        for seq in range(1, 513):  # 32 MiB through a 4 MiB spool
+            await wait_for(lambda: not pipeline.paused, f"ingest to resume before sequence {seq}")
+            pipeline.accept_write(stream, Write.make(1, seq, (seq - 1) * 65536, bytes([seq % 256]) * 65536, 0))
+        await pipeline.drain()
+        assert stream.durable_seq == 512 and pipeline.stats.pauses > 0
 
 
 async def test_a_log_sealed_under_an_unknown_key_stops_the_start_naming_the_key_id(tmp_path: Path) -> None:
     config = make_config(tmp_path / "data")
-    async with running_pipeline(config, spool=FullSpool(config.spool_dir, 1 << 30, failures=10**9), key=KEY) as first:
+    async with running_pipeline(config, spool=never_spooled(config), key=KEY) as first:
         await write_and_wait_for_ack(first, range(1, 3))
     with pytest.raises(LogBlobError, match=key_id_of(KEY).hex()) as info:
         async with running_pipeline(config, key=OTHER_KEY):
@@ -213,7 +325,7 @@ async def test_a_log_sealed_under_an_unknown_key_stops_the_start_naming_the_key_
 
 async def test_segments_roll_and_go_once_their_writes_are_stored(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine.wal, "SEGMENT_BYTES", 64 * 1024)
+    monkeypatch.setattr(engine.pipeline, "SEGMENT_BYTES", 64 * 1024)
     config = make_config(tmp_path / "data")
     async with running_pipeline(config, key=KEY, disk_size=64 << 20) as pipeline:
         for start in range(1, 400, 40):  # 16 chunks of ~160 KiB: each closes its segment
