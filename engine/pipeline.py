@@ -218,6 +218,7 @@ class Pipeline:
         self.unlogged_bytes = 0
         self.unlogged_records = 0
         self._committer: GroupCommitter | None = None  # from start(), after the log's replay
+        self._closing = False
         self.paused = False
         self.flow_listeners: set[FlowListener] = set()
         self.stored_listeners: list[Callable[[], None]] = []
@@ -303,7 +304,10 @@ class Pipeline:
         """Batch again what the log holds beyond the spooled blobs: acknowledged before the restart, so
         durable now, and sealed and uploaded like anything else (its log segments stay until then)."""
         replayed: Counter[str] = Counter()
+        broken: set[str] = set()  # disks whose log has a hole: nothing after it counts
         for section in sections:
+            if section.disk in broken:
+                continue
             stream = self.streams.get(section.disk)
             if stream is None:  # a logged disk whose registration was lost: the log knows its size
                 stream = self.streams[section.disk] = DiskStream(
@@ -315,6 +319,7 @@ class Pipeline:
                     log.error("write-ahead log: disk %r continues at sequence %d after %d; the rest of its log "
                               "is dropped and the agent resends from %d", section.disk, record.seq,
                               stream.accepted_seq, stream.accepted_seq + 1)
+                    broken.add(section.disk)
                     break
                 if isinstance(record, WriteRecord):
                     size = len(record.data)
@@ -340,13 +345,18 @@ class Pipeline:
 
     async def close(self) -> None:
         """Stop without draining: whatever is not sealed or stored yet is in the log, for the next start."""
+        self._closing = True
+        for stream in self.streams.values():
+            if stream.linger is not None:
+                stream.linger.cancel()
+                stream.linger = None
         if self._committer is not None:
             await asyncio.to_thread(self._committer.close)
         for task in [*self._uploaders, *self._tasks]:  # a seal may be retrying a full spool for good
             task.cancel()
         await asyncio.gather(*self._uploaders, *self._tasks, return_exceptions=True)
-        self._executor.shutdown(wait=True)
-        self._spool_executor.shutdown(wait=True)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._spool_executor.shutdown(wait=True, cancel_futures=True)
 
     # ------------------------------------------------------------ ingest
 
@@ -433,6 +443,9 @@ class Pipeline:
         self._update_flow()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        if self._closing:  # nothing new once close() began (a linger or a commit landing late)
+            coroutine.close()
+            return
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -493,20 +506,19 @@ class Pipeline:
         self._executor.submit(seal)
         sealed, written = await spooled
         delay = self.config.upload.retry_initial_ms / 1000
-        try:
-            while isinstance(written, OSError):  # spool disk full or failing: nothing was acknowledged; keep trying
-                log.error("spool: cannot write blob %s: %s; retrying in %.1fs", batch.name, written, delay)
-                self.stats.spool_errors += 1
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.config.upload.retry_max_ms / 1000)
-                written = await loop.run_in_executor(self._spool_executor, try_write, sealed)
-            batch.path = written
-            batch.size = len(sealed)
-        finally:
-            # reuse (a fresh multi-MiB buffer per blob costs page faults), but keep only as many as
-            # the seal threads can fill at once: a burst must not pin its peak in memory for good
-            if self._buffers.qsize() < self._spare_buffers:
-                self._buffers.put(sealed.obj)
+        while isinstance(written, OSError):  # spool disk full or failing: the log holds the writes; keep trying
+            log.error("spool: cannot write blob %s: %s; retrying in %.1fs", batch.name, written, delay)
+            self.stats.spool_errors += 1
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.config.upload.retry_max_ms / 1000)
+            written = await loop.run_in_executor(self._spool_executor, try_write, sealed)
+        batch.path = written
+        batch.size = len(sealed)
+        # Reuse (a fresh multi-MiB buffer per blob costs page faults), but keep only as many as the seal
+        # threads can fill at once: a burst must not pin its peak in memory for good. Only here, with the
+        # write finished: a task cancelled at close may still have a spool thread writing from it.
+        if self._buffers.qsize() < self._spare_buffers:
+            self._buffers.put(sealed.obj)
         batch.sealed = True
         batch.pieces = []
         self.inflight_bytes -= batch.payload_bytes

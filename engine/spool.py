@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.fsutil import write_durably
+from engine.fsutil import fsync_dir, write_durably
 from protocol import LogBlobError
 from protocol.logblob import BLOB_SUFFIX, GCM_TAG_SIZE, HEADER_FIXED, BlobHeader, blob_name
 
@@ -87,6 +87,8 @@ class Spool:
                 found.append(SpooledBlob(blob_name(header.disk, header.first_seq, header.last_seq), path, size,
                                          header))
                 self.used_bytes += size
+            if self.fsync:  # a name renamed into place just before a kill -9 may not be on disk yet
+                fsync_dir(disk_dir)
         return found
 
 
@@ -96,7 +98,14 @@ class UploadWatermarks:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.seqs: dict[str, int] = json.loads(path.read_text()) if path.exists() else {}
+        self.seqs: dict[str, int] = {}
+        if path.exists():
+            # what a start acts on must be on disk: a save cut off by a kill -9 between its rename and its
+            # directory fsync is in the page cache only, and the spool and the log let go by it
+            with open(path, "rb") as handle:
+                self.seqs = json.loads(handle.read())
+                os.fsync(handle.fileno())
+            fsync_dir(path.parent)
 
     def save(self, snapshot: dict[str, int]) -> None:
         """Blocking: persist ``snapshot`` (a copy taken on the event loop) atomically; run in a thread."""

@@ -49,6 +49,8 @@ class WriteAheadLog:
     def __init__(self, directory: Path, sealer: WalSealer, *, fsync: bool = True,
                  segment_bytes: int = SEGMENT_BYTES) -> None:
         self.directory = private_dir(directory)
+        if fsync:
+            fsync_dir(directory.parent)  # the log's own directory entry
         self.sealer = sealer
         self.fsync = fsync
         self.segment_bytes = segment_bytes

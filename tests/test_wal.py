@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -18,12 +20,13 @@ import engine.pipeline
 import engine.wal
 from engine.config import Config
 from engine.disks import DiskInfo
-from engine.pipeline import Pipeline
+from engine.pipeline import Batch, Pipeline
 from engine.spool import Spool
 from protocol import LogBlobError, Tag, TagKind, Write
 from protocol.logblob import (
     GCM_TAG_SIZE,
     RECORD_HEADER,
+    BlobHeader,
     WriteRecord,
     blob_name,
     iter_records,
@@ -338,3 +341,67 @@ async def test_segments_roll_and_go_once_their_writes_are_stored(tmp_path: Path,
                        "closed segments (and the sealed blobs) released once stored")
         assert pipeline.wal.size_bytes < 64 * 1024 + 200 * 1024, "at most the open segment is left"
         assert sorted(await stored_writes(pipeline)) == list(range(1, 402))
+
+
+async def test_close_leaves_nothing_running_behind_it(tmp_path: Path) -> None:
+    """A batch waiting for its linger when the pipeline closes must not be sealed on a shut-down pool
+    after close() (that surfaced as 'Task exception was never retrieved' in serve's log)."""
+    config = make_config(tmp_path / "data", batch={"linger_ms": 100})
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    try:
+        async with running_pipeline(config, key=KEY) as pipeline:
+            await write_and_wait_for_ack(pipeline, range(1, 3))
+        await asyncio.sleep(0.3)  # past the linger
+        gc.collect()  # an unretrieved task exception is reported when the task is collected
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert errors == []
+    async with running_pipeline(config, key=KEY) as again:  # and the log brought the two writes back
+        assert again.streams["d"].durable_seq == 2
+
+
+class SlowSecondWrite(Spool):
+    """Refuses the first blob once (ENOSPC), then takes half a second over its retry: a struggling disk."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.calls = 0
+
+    def write(self, name: str, data: memoryview) -> Path:
+        self.calls += 1
+        if self.calls == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if self.calls == 2:
+            time.sleep(0.5)
+        return super().write(name, data)
+
+
+async def test_a_seal_cancelled_at_close_does_not_lend_out_the_buffer_being_written(tmp_path: Path) -> None:
+    """close() cancels a seal whose blob is still being written by a spool thread; its buffer must not go
+    back to the pool, or the next seal overwrites the blob under the first one's name."""
+    config = make_config(tmp_path / "data", upload={"retry_initial_ms": 50}, pipeline={"seal_threads": 1},
+                         batch={"linger_ms": 60_000})
+    async with running_pipeline(config, spool=SlowSecondWrite(config.spool_dir, 1 << 30), key=KEY) as pipeline:
+        seal = pipeline._seal_blocking
+
+        def seal_3_late(batch: Batch) -> memoryview:  # its seal starts once close() has cancelled 1-2's task
+            if batch.first_seq == 3:
+                time.sleep(0.2)
+            return seal(batch)
+
+        pipeline._seal_blocking = seal_3_late  # type: ignore[method-assign]
+        stream = pipeline.streams["d"]
+        pipeline.accept_write(stream, Write.make(1, 1, 0, os.urandom(4096), 1))
+        pipeline.accept_tag(stream, Tag(1, 2, TagKind.APP, "t1", 2))  # cuts 1-2: refused, then retried slowly
+        await asyncio.sleep(0.25)
+        pipeline.accept_write(stream, Write.make(1, 3, 8192, os.urandom(1024), 3))
+        pipeline.accept_tag(stream, Tag(1, 4, TagKind.APP, "t2", 4))  # cuts 3-4 while 1-2 is being written
+        await asyncio.sleep(0.02)
+    blobs = sorted(config.spool_dir.glob("d/*.bflog"))
+    assert blobs, "the slow write finished during close"
+    for path in blobs:
+        header = BlobHeader.unpack(path.read_bytes(), name=path.name)
+        assert f"d/{path.name}" == blob_name("d", header.first_seq, header.last_seq), "a blob's name is its content"
