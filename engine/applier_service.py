@@ -1,9 +1,10 @@
 """An applier with everything it runs with: the seed lock, keys, cache store and control plane.
 
-``blockferry apply`` runs one, and so does the applier process that ``serve`` starts
-(engine/applier_process.py); one class keeps the start-up order (lock before the
-seed is touched, lease before the first write, admin URL advertised last) and the
-reverse shutdown order in one place.
+``blockferry apply`` runs one, so does the applier process that ``serve`` starts
+(engine/applier_process.py), and so does ``serve`` itself with ``applier.process = false``
+(sharing the server's cache store, and its control plane instead of one of its own); one class
+keeps the start-up order (lock before the seed is touched, lease before the first write, admin
+URL advertised last) and the reverse shutdown order in one place.
 """
 
 from __future__ import annotations
@@ -24,15 +25,20 @@ LOCK_RETRY_S = 0.2
 
 
 class ApplierService:
-    def __init__(self, config: Config, role: str, *, alerts: bool = True) -> None:
+    def __init__(self, config: Config, role: str, *, alerts: bool = True, store: CacheStore | None = None,
+                 control_plane: bool = True) -> None:
+        """``store``: the caller's (kept open at close); else one of its own. ``control_plane=False``: the
+        caller serves metrics and the admin API (and advertises them in ``lock``)."""
         self.config = config
         self.role = role
         self.alerts = alerts
         self.applier: Applier | None = None
         self.control: ControlPlane | None = None
         self.runner: asyncio.Task[None] | None = None
-        self._lock = ApplierLock(config.seed_dir)
-        self._store: CacheStore | None = None
+        self.lock = ApplierLock(config.seed_dir)
+        self._own_store = store is None
+        self._store: CacheStore | None = store
+        self._control_plane = control_plane
 
     async def start(self, *, wait_while: Callable[[str], bool] | None = None) -> None:
         """Raises KeyFileError (no usable key) or ApplierLocked (another applier owns the seed).
@@ -46,21 +52,24 @@ class ApplierService:
         waiting = False
         while True:
             try:
-                self._lock.acquire(f"pid {os.getpid()} ({self.role})")
+                self.lock.acquire(f"pid {os.getpid()} ({self.role})")
                 break
             except ApplierLocked as exc:
-                if wait_while is None or not wait_while(self._lock.holder() or ""):
+                if wait_while is None or not wait_while(self.lock.holder() or ""):
                     raise
                 if not waiting:
                     log.warning("%s; waiting for it to stop", exc)
                     waiting = True
                 await asyncio.sleep(LOCK_RETRY_S)
         try:
-            self._store = open_store(self.config)
+            if self._store is None:
+                self._store = open_store(self.config)
             self.applier = build_applier(self.config, self._store, keys)
             await self.applier.open_existing()  # an Azure seed takes its lease here
-            self.control = ControlPlane(self.config, None, self.applier, self._lock, self.role, alerts=self.alerts)
-            await self.control.start()
+            if self._control_plane:
+                self.control = ControlPlane(self.config, None, self.applier, self.lock, self.role,
+                                            alerts=self.alerts)
+                await self.control.start()
         except BaseException:
             await self.close()
             raise
@@ -75,6 +84,6 @@ class ApplierService:
             await self.control.close()
         if self.applier is not None:
             await self.applier.close()
-        if self._store is not None:
+        if self._store is not None and self._own_store:
             await self._store.close()
-        self._lock.release()
+        self.lock.release()

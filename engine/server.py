@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.applier import Applier, ApplierLock
+from engine.applier import Applier
 from engine.applier_process import ApplierProcess
+from engine.applier_service import ApplierService
 from engine.auth import AgentRegistry, ensure_default_agent
 from engine.config import Config
 from engine.control import ControlPlane
@@ -93,7 +93,7 @@ class ProcessServer:
         self._server: asyncio.base_events.Server | None = None
         self._ctx: IngestContext | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._applier_lock: ApplierLock | None = None
+        self._applier_service: ApplierService | None = None  # the applier on this loop (applier.process = false)
         self.control: ControlPlane | None = None
 
     @property
@@ -133,12 +133,11 @@ class ProcessServer:
             await self.applier_process.start()
             self.pipeline.stored_listeners.append(self.applier_process.notify)
         elif self.run_applier:
-            self._applier_lock = ApplierLock(cfg.seed_dir)
-            self._applier_lock.acquire(f"pid {os.getpid()} (blockferry serve)")
-            self.applier = build_applier(cfg, self.store, keys)
-            await self.applier.open_existing()
+            self._applier_service = ApplierService(cfg, "blockferry serve", store=self.store, control_plane=False)
+            await self._applier_service.start()
+            self.applier = self._applier_service.applier
+            assert self.applier is not None
             self.pipeline.stored_listeners.append(self.applier.notify)
-            self._tasks.append(asyncio.create_task(self.applier.run(), name="applier"))
         self._ctx = IngestContext(self.pipeline, agents, disks, self._is_committed, server_name=cfg.server.name,
                                   max_frame=int(cfg.server.max_frame_bytes),
                                   read_buffer=int(cfg.server.read_buffer_bytes))
@@ -149,7 +148,8 @@ class ProcessServer:
         port = self._server.sockets[0].getsockname()[1]
         self._tasks.append(asyncio.create_task(self._keepalive(), name="keepalive"))
         if self.run_control_plane:
-            self.control = ControlPlane(cfg, self.pipeline, self.applier, self._applier_lock, "blockferry serve")
+            lock = self._applier_service.lock if self._applier_service is not None else None
+            self.control = ControlPlane(cfg, self.pipeline, self.applier, lock, "blockferry serve")
             await self.control.start()
         self.connect_info = ConnectInfo(cfg.server.listen, port, cert,
                                         self.token_file if self.token_file.exists() else None)
@@ -223,10 +223,8 @@ class ProcessServer:
             await self.pipeline.close()
         if self.applier_process is not None:
             await self.applier_process.close()
-        if self.applier is not None:
-            await self.applier.close()
-        if self._applier_lock is not None:
-            self._applier_lock.release()
+        if self._applier_service is not None:
+            await self._applier_service.close()
         if self.store is not None:
             await self.store.close()
 
