@@ -79,7 +79,7 @@ def main() -> None:
     """
 
 
-def _common(f):  # noqa: ANN001, ANN202 - click decorator stack
+def _common(f):  # the options every run subcommand shares (a click decorator stack)
     options = [
         click.option("--out", type=click.Path(path_type=Path), default=None,
                      help="Output directory for result.json, report.md and the plots [bench-results/<time>]."),

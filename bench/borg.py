@@ -49,8 +49,7 @@ def measure_borg(batches: list[bytes], workdir: Path, *, timeout: float = 600.0)
         version = subprocess.run([exe, "--version"], capture_output=True, text=True, env=env,
                                  timeout=60).stdout.strip()
         with open(sample, "wb") as handle:
-            for batch in batches:
-                handle.write(batch)
+            handle.writelines(batches)
             handle.flush()
             os.fsync(handle.fileno())
         size = sample.stat().st_size

@@ -153,7 +153,7 @@ class _Worker:
         flushed = True
         try:
             await asyncio.wait_for(asyncio.gather(*(a.flush() for a in self.agents)), self.spec.flush_timeout)
-        except (asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001
+        except (TimeoutError, Exception) as exc:  # noqa: BLE001
             flushed = False
             self.errors.append(f"flush: {type(exc).__name__}: {exc}")
         t_flushed = time.monotonic()

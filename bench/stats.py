@@ -24,7 +24,7 @@ class LogHistogram:
     percentiles are never optimistic by more than the bucket width.
     """
 
-    __slots__ = ("counts", "count", "total", "min", "max")
+    __slots__ = ("count", "counts", "max", "min", "total")
 
     def __init__(self) -> None:
         self.counts: dict[int, int] = {}
@@ -50,10 +50,8 @@ class LogHistogram:
         counts[i] = counts.get(i, 0) + 1
         self.count += 1
         self.total += seconds
-        if seconds > self.max:
-            self.max = seconds
-        if seconds < self.min:
-            self.min = seconds
+        self.max = max(self.max, seconds)
+        self.min = min(self.min, seconds)
 
     def merge(self, other: LogHistogram) -> None:
         for i, n in other.counts.items():
@@ -147,8 +145,7 @@ class SeqLog:
     def lag(self, t: float, done_seq: int) -> float:
         """Age at ``t`` of the oldest write not yet done (0 if all issued writes are done)."""
         i = done_seq + 1 - self.first_seq
-        if i < 0:
-            i = 0
+        i = max(i, 0)
         if i >= len(self.times):
             return 0.0
         intended = self.times[i]

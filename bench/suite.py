@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from rich.console import Console
@@ -133,7 +133,7 @@ def run_suite(opts: SuiteOptions) -> dict:
     started = time.time()
     result: dict = {
         "schema": SCHEMA,
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": opts.command,
         "machine": machine_info(),
         "settings": _settings(opts),

@@ -198,8 +198,8 @@ def store_error(exc: BaseException, *, label: str, what: str, where: str, scrub:
     return StoreError(f"{label}: cannot {what} {where}: {type(exc).__name__}: {detail}", transient=False)
 
 
-_SIG = re.compile(r"((?:^|[?&;\s'\"])sig=)[^&\s'\";]+", re.I)
-_ACCOUNT_KEY = re.compile(r"(AccountKey=|SharedAccessSignature=)[^;\s'\"]+", re.I)
+_SIG = re.compile(r"((?:^|[?&;\s'\"])sig=)[^&\s'\";]+", re.IGNORECASE)
+_ACCOUNT_KEY = re.compile(r"(AccountKey=|SharedAccessSignature=)[^;\s'\"]+", re.IGNORECASE)
 
 
 def secret_strings(creds: AzureCredentials) -> list[str]:

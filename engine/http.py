@@ -28,7 +28,7 @@ def monitoring_routes(monitor: Monitor) -> list[web.RouteDef]:
     async def healthz(request: web.Request) -> web.Response:
         try:
             ok, reasons = monitor.healthy()
-        except Exception as exc:  # noqa: BLE001 — a broken health check is itself unhealthy, and says why
+        except Exception as exc:  # a broken health check is itself unhealthy, and says why
             log.exception("healthz: health check failed")
             return web.json_response({"status": "error", "reasons": [f"health check failed: {exc!r}"]}, status=500)
         if ok:

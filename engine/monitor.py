@@ -144,7 +144,7 @@ class DiskHealth:
     def last_point_time(self) -> str | None:
         if self.last_point_source_us is None:
             return None
-        moment = datetime.datetime.fromtimestamp(self.last_point_source_us / 1e6, datetime.timezone.utc)
+        moment = datetime.datetime.fromtimestamp(self.last_point_source_us / 1e6, datetime.UTC)
         return moment.isoformat()
 
     def as_dict(self) -> dict[str, Any]:
@@ -365,7 +365,7 @@ class Monitor:
     def _event(kind: str, h: DiskHealth) -> dict[str, Any]:
         return {"event": kind, "disk": h.disk, "rpo_s": round(h.recoverable_lag_s, 3),
                 "threshold_s": h.rpo_threshold_s, "stage": h.stage,
-                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")}
+                "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")}
 
     def emit(self, event: dict[str, Any]) -> None:
         level = logging.WARNING if event["event"] == "rpo_exceeded" else logging.INFO

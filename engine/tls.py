@@ -27,7 +27,7 @@ def generate_self_signed(cert_path: Path, key_path: Path, hostnames: list[str] |
     names = ["localhost", socket.gethostname(), *(hostnames or [])]
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "blockferry process server")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     alt_names: list[x509.GeneralName] = [x509.DNSName(n) for n in dict.fromkeys(names)]
     alt_names += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("::1"))]
     cert = (

@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-
 from azurite import admin, azurite  # noqa: F401  (fixtures: Azurite and an SDK client on it)
-from engine.server import ProcessServer
 from support import make_config
+
+from engine.server import ProcessServer
 
 
 @pytest.fixture

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from support import agent_for, make_config
 
 from engine.recovery.service import LocalRecovery, RecoveryError, RemoteRecovery, open_recovery
 from engine.server import ProcessServer
-from support import agent_for, make_config
 
 MiB = 1024 * 1024
 

@@ -18,7 +18,7 @@ import time
 import traceback
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -220,7 +220,7 @@ def _sas(azurite_container: str, key: str = ACCOUNT_KEY) -> str:
     return generate_container_sas(ACCOUNT, azurite_container, account_key=key,
                                   permission=ContainerSasPermissions(read=True, add=True, create=True, write=True,
                                                                      delete=True, list=True),
-                                  expiry=datetime.now(timezone.utc) + timedelta(hours=1))
+                                  expiry=datetime.now(UTC) + timedelta(hours=1))
 
 
 async def test_account_key_sas_and_environment_credentials(tmp_path: Path, azurite: Azurite, make_store,

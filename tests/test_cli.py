@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import free_port
 
 from protocol import TagKind
 from protocol.logblob import BlobHeader, Sealer, blob_name, key_id_of, tag_record, write_record_header
-from support import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -104,7 +104,7 @@ def test_config_check_names_the_bad_keys(tmp_path: Path, text: str, keys: list[s
     assert check.returncode != 0
     assert "ok" not in check.stdout
     for key in keys:
-        assert re.search(rf"^\s+{re.escape(key)}: ", check.stderr, re.M), check.stderr
+        assert re.search(rf"^\s+{re.escape(key)}: ", check.stderr, re.MULTILINE), check.stderr
     if "max_bytez" in text:
         assert "unknown setting" in check.stderr
 
@@ -152,10 +152,10 @@ def test_inspect_log_with_key_lists_header_and_records(tmp_path: Path, sealed_bl
     result = run("inspect-log", blob, "--key-file", _key_file(tmp_path, key, 0o600))
     assert result.returncode == 0, result.stderr
     for pattern in HEADER_LINES + RECORD_LINES:
-        assert re.search(pattern, result.stdout, re.M), (pattern, result.stdout)
+        assert re.search(pattern, result.stdout, re.MULTILINE), (pattern, result.stdout)
     assert f"key id {key_id_of(key).hex()}" in result.stdout
     assert "records (authenticated):" in result.stdout
-    assert len(re.findall(r"^\s+seq\s+\d+", result.stdout, re.M)) == 3
+    assert len(re.findall(r"^\s+seq\s+\d+", result.stdout, re.MULTILINE)) == 3
     assert key.hex() not in result.stdout
 
 
@@ -164,9 +164,9 @@ def test_inspect_log_without_key_prints_only_the_header(sealed_blob: tuple[Path,
     result = run("inspect-log", blob)
     assert result.returncode == 0, result.stderr
     for pattern in HEADER_LINES:
-        assert re.search(pattern, result.stdout, re.M), (pattern, result.stdout)
+        assert re.search(pattern, result.stdout, re.MULTILINE), (pattern, result.stdout)
     assert "no key given" in result.stdout
-    assert not re.search(r"^\s+seq\s+\d+", result.stdout, re.M)
+    assert not re.search(r"^\s+seq\s+\d+", result.stdout, re.MULTILINE)
     assert "authenticated" not in result.stdout
 
 
@@ -190,7 +190,7 @@ def test_inspect_log_with_the_wrong_key_fails_without_records(tmp_path: Path,
     result = run("inspect-log", blob, "--key-file", _key_file(tmp_path, other, 0o600, "other.key"))
     assert result.returncode != 0
     assert f"no key with id {key_id_of(key).hex()}" in result.stderr, result.stderr
-    assert not re.search(r"^\s+seq\s+\d+", result.stdout, re.M)
+    assert not re.search(r"^\s+seq\s+\d+", result.stdout, re.MULTILINE)
 
 
 # ---------------------------------------------------------------- serve + agent replicate + apply

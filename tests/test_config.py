@@ -178,7 +178,7 @@ def test_markdown_has_a_row_for_every_key():
     md = render_markdown()
     for section, key in all_keys():
         dotted = f"{section}.{key}" if section else key
-        assert re.search(rf"^\| `{dotted}` \| [^|]+ \| .+ \|$", md, re.M), dotted
+        assert re.search(rf"^\| `{dotted}` \| [^|]+ \| .+ \|$", md, re.MULTILINE), dotted
     assert "| `batch.max_bytes` | size (bytes), >= 4KiB | `\"4MiB\"` |" in md
     assert "| `server.max_frame_bytes` | size (bytes) | `4194368` (4MiB + 64B) |" in md
     assert "| `spool.dir` | path, optional | derived (see description) | " in md
@@ -187,7 +187,7 @@ def test_markdown_has_a_row_for_every_key():
 
 def test_docs_toml_examples_are_valid(tmp_path):
     text = DOCS.read_text(encoding="utf-8")
-    blocks = re.findall(r"```toml\n(.*?)```", text, re.S)
+    blocks = re.findall(r"```toml\n(.*?)```", text, re.DOTALL)
     assert len(blocks) >= 1
     for block in blocks:
         cfg = load_config(write(tmp_path, block))

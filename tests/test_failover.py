@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from support import SEED_BACKENDS, agent_for, backend_sections, delete_containers, make_config, read_seed, state_at
 
 from engine.config import Config
 from engine.recovery.service import LocalRecovery, RecoveryError
 from engine.server import ProcessServer
 from engine.workload import ContentPool, random_writes
 from protocol import TagKind
-from support import SEED_BACKENDS, agent_for, backend_sections, delete_containers, make_config, read_seed, state_at
 
 MiB = 1024 * 1024
 SIZE = 8 * MiB

@@ -169,7 +169,7 @@ def test_header_layout_offsets():
     h = BlobHeader("ab", 0x0102030405060708, 0x1111, 0x2222, 0x3333, 0x4444, 0x5555, b"K" * 8, b"N" * 12,
                    Codec.LZ4_BLOCK, 0x6666, 0x7777)
     b = h.pack()
-    le = lambda off, size: int.from_bytes(b[off:off + size], "little")  # noqa: E731
+    le = lambda off, size: int.from_bytes(b[off:off + size], "little")
     assert b[0:8] == b"\x89BFLOG\r\n"
     assert le(8, 2) == BLOB_VERSION == 1
     assert le(10, 2) == 100 == len(b)  # header_size = 98 + len(disk)

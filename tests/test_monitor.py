@@ -110,9 +110,8 @@ async def scrape(base: str) -> tuple[str, dict[tuple[str, tuple[tuple[str, str],
 
 
 async def get_json(url: str) -> tuple[int, Any]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=T)) as session:
-        async with session.get(url) as resp:
-            return resp.status, await resp.json()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=T)) as session, session.get(url) as resp:
+        return resp.status, await resp.json()
 
 
 def health_of(monitor: Monitor, disk: str) -> DiskHealth:

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob import BlobServiceClient
+from azurite import Azurite
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from azurite import Azurite
 from engine.applier import Applier
 from engine.config import AzureStoreConfig, PolicyConfig, SeedAzureConfig
 from engine.keys import KeyRing

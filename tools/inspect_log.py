@@ -16,7 +16,7 @@ class BlobReport:
 
 
 def _time(us: int) -> str:
-    return datetime.datetime.fromtimestamp(us / 1e6, datetime.timezone.utc).isoformat(timespec="microseconds")
+    return datetime.datetime.fromtimestamp(us / 1e6, datetime.UTC).isoformat(timespec="microseconds")
 
 
 def describe_blob(data: bytes, keys: KeyRing | None, *, name: str | None = None,

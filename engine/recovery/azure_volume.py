@@ -367,7 +367,7 @@ class AzureVolumes(AzureContainer):
                 f"--blob-name {self.prefix}{LOCK_BLOB}) and start again") from None
         except Exception as exc:  # noqa: BLE001
             raise self.error("lease", LOCK_BLOB, exc) from None
-        since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        since = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         try:
             await lock.set_blob_metadata({"holder": f"{self.holder} since {since}"}, lease=self._lease)
         except Exception as exc:  # noqa: BLE001 - informative only

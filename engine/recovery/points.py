@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 from protocol.journal import EntryName
 
-
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
 class PointNotFound(LookupError):
@@ -74,7 +73,7 @@ def select_point(points: list[Point], spec: str, *, latest_seq: int) -> int:
         raise PointNotFound(f"{spec!r} is not latest, latest-processed, latest-app, a point id or an ISO time") \
             from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.timezone.utc)
+        moment = moment.replace(tzinfo=datetime.UTC)
     limit = (moment - _EPOCH) // datetime.timedelta(microseconds=1)
     candidates = [p for p in points if p.source_us <= limit]
     if not candidates:
