@@ -82,7 +82,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 from rich.table import Table
 from rich.text import Text
@@ -464,7 +464,7 @@ class MonitorCollector(Collector):
         ratio.add_metric([], (received - unsealed) / stats.sealed_bytes if stats.sealed_bytes else 0.0)
         yield ratio
         gauges = [
-            ("blockferry_inflight_bytes", "Payload bytes received but not yet durable.", p.inflight_bytes),
+            ("blockferry_inflight_bytes", "Payload bytes received but not yet sealed.", p.inflight_bytes),
             ("blockferry_inflight_limit_bytes", "pipeline.max_inflight_bytes: ingest pauses at this.",
              int(p.config.pipeline.max_inflight_bytes)),
             ("blockferry_ingest_paused", "1 while ingest is paused (backpressure), else 0.", int(p.paused)),
@@ -478,6 +478,13 @@ class MonitorCollector(Collector):
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], value)
             yield g
+        commits = HistogramMetricFamily(
+            "blockferry_log_commit_seconds", "Write-ahead log commits (encrypt, append, fdatasync): what every "
+            "acknowledgement waits for.", buckets=stats.log_commits.cumulative(), sum_value=stats.log_commits.total_s)
+        yield commits
+        log_bytes = CounterMetricFamily("blockferry_log_bytes", "Bytes appended to the write-ahead log.")
+        log_bytes.add_metric([], stats.log_bytes)
+        yield log_bytes
         pauses = CounterMetricFamily("blockferry_ingest_pauses", "Times ingest was paused by backpressure.")
         pauses.add_metric([], stats.pauses)
         yield pauses

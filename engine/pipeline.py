@@ -16,6 +16,8 @@ listeners (agent connections) to stop reading until it has drained below three q
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import logging
 import os
 import queue
@@ -415,9 +417,11 @@ class Pipeline:
         self.unlogged_bytes += size
         self.unlogged_records += 1
 
-    def _committed(self, logged: list[Logged], chunk_bytes: int) -> None:
+    def _committed(self, logged: list[Logged], chunk_bytes: int, seconds: float) -> None:
         """On the loop, once a commit is durable: acknowledge."""
         self.spool.used_bytes += chunk_bytes
+        self.stats.log_bytes += chunk_bytes
+        self.stats.log_commits.observe(seconds)
         for entry in logged:
             self.unlogged_bytes -= entry.payload_bytes
             self.unlogged_records -= entry.records
@@ -676,8 +680,30 @@ def _settle(future: asyncio.Future[Any], outcome: object) -> None:
         future.set_result(outcome)
 
 
+class CommitTimes:
+    """Durations of the write-ahead log's commits (encrypt, append, fdatasync), which every ack waits
+    for: a histogram, so an operator sees a slow spool disk before the agents feel it."""
+
+    BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BUCKETS_S) + 1)  # the last one: above every bucket
+        self.total_s = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.BUCKETS_S, seconds)] += 1
+        self.total_s += seconds
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """(upper bound, observations at or below it), ending with "+Inf": Prometheus's histogram buckets."""
+        bounds = [repr(b) for b in self.BUCKETS_S] + ["+Inf"]
+        return list(zip(bounds, itertools.accumulate(self.counts), strict=True))
+
+
 @dataclass
 class PipelineStats:
+    log_commits: CommitTimes = field(default_factory=CommitTimes)
+    log_bytes: int = 0
     received_bytes: int = 0
     sealed_bytes: int = 0
     stored_bytes: int = 0

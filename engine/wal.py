@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,13 +225,15 @@ class GroupCommitter:
     commits grow, they do not queue). Only the acknowledgements go back through the event loop; a loop
     round trip between commits cost milliseconds on a busy machine.
 
-    ``log`` runs on the event loop; ``on_committed(logged, chunk_bytes)`` and ``on_error(exc, retry_s)``
+    ``log`` runs on the event loop; ``on_committed(logged, chunk_bytes, seconds)`` (the successful append's
+    duration) and ``on_error(exc, retry_s)``
     are called there. A failed append (full or failing disk) is retried with back-off, nothing
     acknowledged meanwhile, and reported each time.
     """
 
     def __init__(self, wal: WriteAheadLog, loop: asyncio.AbstractEventLoop,
-                 on_committed: Callable[[list[Logged], int], None], on_error: Callable[[Exception, float], None], *,
+                 on_committed: Callable[[list[Logged], int, float], None],
+                 on_error: Callable[[Exception, float], None], *,
                  retry_initial_s: float, retry_max_s: float) -> None:
         self.wal = wal
         self._loop = loop
@@ -283,16 +286,18 @@ class GroupCommitter:
             for entry in logged:
                 pieces.append(entry.section())
                 pieces += entry.pieces
-            size = self._append(pieces, {entry.disk: entry.last_seq for entry in logged})
-            if size is None:
+            appended = self._append(pieces, {entry.disk: entry.last_seq for entry in logged})
+            if appended is None:
                 return
-            self._loop.call_soon_threadsafe(self._on_committed, logged, size)
+            self._loop.call_soon_threadsafe(self._on_committed, logged, *appended)
 
-    def _append(self, pieces: list[bytes | memoryview], last_seqs: dict[str, int]) -> int | None:
+    def _append(self, pieces: list[bytes | memoryview], last_seqs: dict[str, int]) -> tuple[int, float] | None:
         retry_s, retry_max_s = self._retry
         while True:
             try:
-                return self.wal.append(pieces, last_seqs)
+                started = time.perf_counter()
+                size = self.wal.append(pieces, last_seqs)
+                return size, time.perf_counter() - started
             except Exception as exc:  # noqa: BLE001 - this thread must not die: nothing would be acked again
                 self._loop.call_soon_threadsafe(self._on_error, exc, retry_s)
             with self._cond:

@@ -268,6 +268,13 @@ async def test_metrics_endpoint_reports_bytes_lags_and_queues(tmp_path: Path) ->
     assert plain("blockferry_spool_used_bytes") == log_bytes > 48 * KiB + 16 * KiB
     assert plain("blockferry_spool_capacity_bytes") == int(cfg.spool.max_bytes)
     assert plain("blockferry_errors_total", kind="upload") == 0
+    # every ack waited for a log commit: they are counted, timed and bucketed
+    commits = plain("blockferry_log_commit_seconds_count")
+    assert 1 <= commits <= 5 + 3 + 2 + 2 and plain("blockferry_log_commit_seconds_sum") > 0
+    assert plain("blockferry_log_commit_seconds_bucket", le="+Inf") == commits
+    assert plain("blockferry_log_commit_seconds_bucket", le="0.001") <= plain(
+        "blockferry_log_commit_seconds_bucket", le="1.0") <= commits
+    assert plain("blockferry_log_bytes_total") == log_bytes, "nothing of the log released yet: all still there"
     assert plain("blockferry_errors_total", kind="failed_blob") == 0
     # the status table renders every disk
     healths = monitor.snapshot()
