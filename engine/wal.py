@@ -225,10 +225,9 @@ class GroupCommitter:
     commits grow, they do not queue). Only the acknowledgements go back through the event loop; a loop
     round trip between commits cost milliseconds on a busy machine.
 
-    ``log`` runs on the event loop; ``on_committed(logged, chunk_bytes, seconds)`` (the successful append's
-    duration) and ``on_error(exc, retry_s)``
-    are called there. A failed append (full or failing disk) is retried with back-off, nothing
-    acknowledged meanwhile, and reported each time.
+    ``log`` runs on the event loop, and so do the callbacks: ``on_committed(logged, chunk_bytes, seconds)``
+    (seconds: the successful append's duration) and ``on_error(exc, retry_s)``. A failed append (full or
+    failing disk) is retried with back-off, nothing acknowledged meanwhile, and reported each time.
     """
 
     def __init__(self, wal: WriteAheadLog, loop: asyncio.AbstractEventLoop,
