@@ -599,7 +599,7 @@ class Pipeline:
         # only now may the spool forget them
         await asyncio.to_thread(_unlink_all, [batch.path for batch in released if batch.path is not None])
         self.spool.used_bytes -= sum(batch.size for batch in released)
-        await self._release_log()
+        self._spawn(self._release_log())  # not awaited: the upload worker has the next group to send
 
     async def _save_watermarks(self) -> None:
         """Persist the upload watermarks; callers that arrive during a save share the next one.

@@ -124,17 +124,16 @@ class WriteAheadLog:
         return sum(s.size for s in self._closed) + (self._open.size if self._open else 0)
 
     def append(self, pieces: Sequence[bytes | memoryview], last_seqs: dict[str, int]) -> int:
-        with self._lock:
-            return self._append(pieces, last_seqs)
-
-    def _append(self, pieces: Sequence[bytes | memoryview], last_seqs: dict[str, int]) -> int:
-        """Append one chunk (section headers and records, concatenated) durably; returns its size.
+        """Append one chunk (section headers and records, concatenated) durably; returns its size. One
+        writer only (the committer). The lock covers the segment lists, not the write and its fdatasync:
+        a release waiting for a commit held up the upload worker that asked for it.
 
         On an error (a full or failing disk) the segment is closed where it stood before and the next
         attempt starts a new one with the next chunk number: a torn chunk must end its segment, and
         after a failed fsync the page cache cannot be trusted to hold what was written.
         """
-        segment, fd = self._writable()
+        with self._lock:
+            segment, fd = self._writable()
         number = self._next_chunk
         self._next_chunk += 1  # used up even if this append fails: its bytes may survive in the old segment
         written = 0
@@ -147,14 +146,16 @@ class WriteAheadLog:
             if self.fsync:
                 os.fdatasync(fd)
         except OSError as exc:
-            self._close_open(truncate_to=segment.size)
+            with self._lock:
+                self._close_open(truncate_to=segment.size)
             exc.filename = str(segment.path)
             raise
-        segment.size += written
-        for disk, seq in last_seqs.items():
-            segment.last_seqs[disk] = max(segment.last_seqs.get(disk, 0), seq)
-        if segment.size >= self.segment_bytes:
-            self._close_open()
+        with self._lock:
+            segment.size += written
+            for disk, seq in last_seqs.items():
+                segment.last_seqs[disk] = max(segment.last_seqs.get(disk, 0), seq)
+            if segment.size >= self.segment_bytes:
+                self._close_open()
         return written
 
     def release(self, watermarks: dict[str, int]) -> int:
