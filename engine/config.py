@@ -12,7 +12,7 @@ import fnmatch
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -105,6 +105,14 @@ class UploadConfig(_Section):
     retry_initial_ms: float = Field(100.0, gt=0, description="First retry delay after a failed upload (ms).")
     retry_max_ms: float = Field(30_000.0, gt=0, description="Cap of the exponential retry delay (ms); "
                                                            "uploads are retried until they succeed.")
+
+    def retry_delays(self) -> Iterator[float]:
+        """Seconds before each retry: doubling from retry_initial_ms up to retry_max_ms, for good. Spool
+        writes, log appends and watermark saves retry on the same schedule as uploads."""
+        delay = self.retry_initial_ms / 1000
+        while True:
+            yield delay
+            delay = min(delay * 2, self.retry_max_ms / 1000)
 
 
 AZURE_ENV = {  # setting of [store.azure] -> environment variable consulted when the setting is absent

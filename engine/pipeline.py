@@ -289,10 +289,8 @@ class Pipeline:
         sections = await asyncio.to_thread(self.wal.replay, self._keys, spooled)
         self.spool.used_bytes += self.wal.size_bytes
         self._replay(sections)
-        retry = self.config.upload
         self._committer = GroupCommitter(self.wal, asyncio.get_running_loop(), self._committed, self._log_failed,
-                                         retry_initial_s=retry.retry_initial_ms / 1000,
-                                         retry_max_s=retry.retry_max_ms / 1000)
+                                         retry_delays=self.config.upload.retry_delays)
         self._uploaders = [asyncio.create_task(self._upload_worker(), name=f"upload-{i}")
                            for i in range(self.config.upload.concurrency)]
 
@@ -483,7 +481,7 @@ class Pipeline:
         on a core, so many run at once (the kernel commits concurrent fsyncs together) while the seal
         threads stay busy with lz4 and AES. The seal thread hands the blob straight to the spool pool, so
         a blob costs one event-loop round trip, not two: under load each round trip waited ~6 ms for
-        the busy loop, and group commit makes the next batch wait for this one."""
+        the busy loop, and a disk whose linger expired meanwhile cuts its next batch only after this one."""
         loop = asyncio.get_running_loop()
         spooled: asyncio.Future[tuple[memoryview, Path | OSError]] = loop.create_future()
 
@@ -509,12 +507,12 @@ class Pipeline:
 
         self._executor.submit(seal)
         sealed, written = await spooled
-        delay = self.config.upload.retry_initial_ms / 1000
+        delays = self.config.upload.retry_delays()
         while isinstance(written, OSError):  # spool disk full or failing: the log holds the writes; keep trying
+            delay = next(delays)
             log.error("spool: cannot write blob %s: %s; retrying in %.1fs", batch.name, written, delay)
             self.stats.spool_errors += 1
             await asyncio.sleep(delay)
-            delay = min(delay * 2, self.config.upload.retry_max_ms / 1000)
             written = await loop.run_in_executor(self._spool_executor, try_write, sealed)
         batch.path = written
         batch.size = len(sealed)
@@ -564,8 +562,7 @@ class Pipeline:
             await self._advance_uploaded({self.streams[batch.disk] for batch in group})
 
     async def _upload_with_retry(self, group: list[Batch]) -> None:
-        delay = self.config.upload.retry_initial_ms / 1000
-        cap = self.config.upload.retry_max_ms / 1000
+        delays = self.config.upload.retry_delays()
         pending = [(batch.name, batch.path) for batch in group if batch.path is not None]
         while True:
             failed = await put_files(self.store, pending)
@@ -573,9 +570,9 @@ class Pipeline:
                 return
             self.stats.upload_errors += len(failed)
             (first, _), exc = failed[0]
+            delay = next(delays)
             log.warning("upload of %d blob(s) failed, e.g. %s (%s); retrying in %.2fs", len(failed), first, exc, delay)
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter spreads a thundering herd
-            delay = min(delay * 2, cap)
             pending = [item for item, _ in failed]
 
     async def _advance_uploaded(self, streams: set[DiskStream]) -> None:
@@ -618,17 +615,17 @@ class Pipeline:
                 await asyncio.sleep(wait)  # the updates of this interval join this save
             self._watermarks_dirty = False
             snapshot = dict(self.watermarks.seqs)
-            delay = self.config.upload.retry_initial_ms / 1000
+            delays = self.config.upload.retry_delays()
             while True:  # until saved: the spool and the log keep everything after the last saved watermark
                 try:
                     await asyncio.to_thread(self.watermarks.save, snapshot)
                     break
                 except OSError as exc:
+                    delay = next(delays)
                     log.error("cannot save the upload watermarks to %s: %s; retrying in %.1fs",
                               self.watermarks.path, exc, delay)
                     self.stats.spool_errors += 1
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, self.config.upload.retry_max_ms / 1000)
             self._saved_watermarks = snapshot
             self._last_watermark_save = time.monotonic()
 

@@ -234,12 +234,12 @@ class GroupCommitter:
     def __init__(self, wal: WriteAheadLog, loop: asyncio.AbstractEventLoop,
                  on_committed: Callable[[list[Logged], int, float], None],
                  on_error: Callable[[Exception, float], None], *,
-                 retry_initial_s: float, retry_max_s: float) -> None:
+                 retry_delays: Callable[[], Iterator[float]]) -> None:
         self.wal = wal
         self._loop = loop
         self._on_committed = on_committed
         self._on_error = on_error
-        self._retry = (retry_initial_s, retry_max_s)
+        self._retry_delays = retry_delays
         self._cond = threading.Condition()
         self._pending: dict[str, Logged] = {}
         self._waking = False  # a wake-up is scheduled on the loop
@@ -292,15 +292,15 @@ class GroupCommitter:
             self._loop.call_soon_threadsafe(self._on_committed, logged, *appended)
 
     def _append(self, pieces: list[bytes | memoryview], last_seqs: dict[str, int]) -> tuple[int, float] | None:
-        retry_s, retry_max_s = self._retry
+        delays = self._retry_delays()
         while True:
             try:
                 started = time.perf_counter()
                 size = self.wal.append(pieces, last_seqs)
                 return size, time.perf_counter() - started
             except Exception as exc:  # noqa: BLE001 - this thread must not die: nothing would be acked again
+                retry_s = next(delays)
                 self._loop.call_soon_threadsafe(self._on_error, exc, retry_s)
             with self._cond:
                 if self._cond.wait_for(lambda: self._closing, timeout=retry_s):
                     return None
-            retry_s = min(retry_s * 2, retry_max_s)

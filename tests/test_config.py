@@ -10,7 +10,7 @@ from typing import Literal
 import pytest
 from pydantic import BaseModel, ByteSize, ConfigDict, Field
 
-from engine.config import Config, ConfigError, load_config, parse_config
+from engine.config import Config, ConfigError, UploadConfig, load_config, parse_config
 from engine.config_docs import (
     DOCS_BEGIN,
     DOCS_END,
@@ -375,3 +375,8 @@ def test_seal_threads_zero_means_cpu_count(monkeypatch):
     assert parse_config({"pipeline": {"seal_threads": 3}}).seal_threads == 3
     monkeypatch.setattr("engine.config.os.cpu_count", lambda: None)
     assert Config().seal_threads == 1
+
+
+def test_retry_delays_double_up_to_the_cap_and_never_end():
+    delays = UploadConfig(retry_initial_ms=100, retry_max_ms=350).retry_delays()
+    assert [next(delays) for _ in range(5)] == [0.1, 0.2, 0.35, 0.35, 0.35]
