@@ -82,7 +82,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 from rich.table import Table
 from rich.text import Text
@@ -478,10 +478,7 @@ class MonitorCollector(Collector):
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], value)
             yield g
-        commits = HistogramMetricFamily(
-            "blockferry_log_commit_seconds", "Write-ahead log commits (encrypt, append, fdatasync): what every "
-            "acknowledgement waits for.", buckets=stats.log_commits.cumulative(), sum_value=stats.log_commits.total_s)
-        yield commits
+        yield from stats.log_commits.collect()
         log_bytes = CounterMetricFamily("blockferry_log_bytes", "Bytes appended to the write-ahead log.")
         log_bytes.add_metric([], stats.log_bytes)
         yield log_bytes
