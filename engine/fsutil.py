@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -15,18 +16,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, data: bytes | bytearray | memoryview, *, fsync: bool = True, mode: int = 0o600) -> None:
+def write_durably(path: Path, data: bytes | bytearray | memoryview, *, fsync: bool = True, mode: int = 0o600,
+                  reuse: Callable[[Path], bool] | None = None) -> None:
     """Write ``data`` to ``path`` so that after a crash it is either absent or complete.
 
     Write to a temporary name, fsync it, rename, fsync the directory: readers and
-    recovery never see a torn file under the final name.
+    recovery never see a torn file under the final name. ``reuse`` may put an old file at the
+    temporary name (engine/filepool.py); it is then overwritten in place rather than created.
     """
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    reused = reuse is not None and reuse(tmp)
+    fd = os.open(tmp, os.O_WRONLY if reused else os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
+        if reused:
+            os.ftruncate(fd, len(data))
         if fsync:
             os.fsync(fd)
     finally:

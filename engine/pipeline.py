@@ -58,11 +58,6 @@ SPOOL_IO_THREADS = 16  # spool writes + fsyncs in flight at once
 WATERMARK_SAVE_INTERVAL_S = 0.1  # upload watermarks are saved at most this often
 
 
-def _unlink_all(paths: list[Path]) -> None:
-    for path in paths:
-        path.unlink(missing_ok=True)
-
-
 async def put_files(store: CacheStore, items: list[tuple[str, Path]]) -> list[tuple[tuple[str, Path], Exception]]:
     """Store several blobs — in one call where the store can group them, else concurrently — and
     return the ones that failed, so a retry repeats only those (a group must not livelock on a
@@ -594,7 +589,7 @@ class Pipeline:
             notify()
         await self._save_watermarks()
         # only now may the spool forget them
-        await asyncio.to_thread(_unlink_all, [batch.path for batch in released if batch.path is not None])
+        await asyncio.to_thread(self.spool.discard, [batch.path for batch in released if batch.path is not None])
         self.spool.used_bytes -= sum(batch.size for batch in released)
         self._spawn(self._release_log())  # not awaited: the upload worker has the next group to send
 

@@ -23,11 +23,12 @@ from engine.auth import AgentRegistry, ensure_default_agent
 from engine.config import Config
 from engine.control import ControlPlane
 from engine.disks import DiskRegistry
+from engine.filepool import FilePool
 from engine.ingest import AgentConnection, IngestContext
 from engine.keys import KeyRing
 from engine.pipeline import Pipeline
 from engine.recovery.volume import LocalVolumes
-from engine.spool import Spool, UploadWatermarks
+from engine.spool import Spool, UploadWatermarks, pool_dir
 from engine.store import CacheStore, LocalStore
 from engine.store.base import StoreError
 from engine.tls import generate_self_signed, server_context
@@ -51,7 +52,7 @@ def open_store(config: Config) -> CacheStore:
         from engine.store.azure import AzureBlobStore  # the Azure SDK is only imported when it is used
 
         return AzureBlobStore(config.store.azure)
-    return LocalStore(config.store_dir, fsync=config.spool.fsync)
+    return LocalStore(config.store_dir, fsync=config.spool.fsync, pool=FilePool(pool_dir(config.spool_dir)))
 
 
 def load_keyring(config: Config, *, create: bool) -> KeyRing:

@@ -20,11 +20,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.filepool import FilePool
 from engine.fsutil import fsync_dir, write_durably
 from protocol import LogBlobError
 from protocol.logblob import BLOB_SUFFIX, GCM_TAG_SIZE, HEADER_FIXED, BlobHeader, blob_name
 
 log = logging.getLogger(__name__)
+
+
+def pool_dir(spool_dir: Path) -> Path:
+    """Where used blob files wait to be overwritten: the spool's, and the local cache store's once applied."""
+    return spool_dir / ".recycle"
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,7 @@ class Spool:
         self.fsync = fsync
         self.used_bytes = 0  # owned by the event loop
         directory.mkdir(parents=True, exist_ok=True)
+        self.pool = FilePool(pool_dir(directory))  # blob files to overwrite instead of creating new ones
 
     @property
     def full(self) -> bool:
@@ -54,8 +61,13 @@ class Spool:
         """Blocking: persist one sealed blob (called from a spool worker thread)."""
         path = self.path_of(name)
         path.parent.mkdir(exist_ok=True)
-        write_durably(path, data, fsync=self.fsync, mode=0o600)
+        write_durably(path, data, fsync=self.fsync, mode=0o600, reuse=self.pool.take)
         return path
+
+    def discard(self, paths: list[Path]) -> None:
+        """Blocking: the spool is done with these blobs (the cache store has them)."""
+        for path in paths:
+            self.pool.give(path)
 
     def recover(self) -> list[SpooledBlob]:
         """Blocking, at start-up: the blobs left by the previous run, in order.

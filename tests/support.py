@@ -24,7 +24,7 @@ from engine.config import Config
 from engine.disks import DiskInfo
 from engine.pipeline import Pipeline
 from engine.spool import Spool, UploadWatermarks
-from engine.store import LocalStore
+from engine.store import CacheStore, LocalStore
 from engine.tls import client_context
 from engine.workload import ContentPool, random_writes
 from protocol import TagKind
@@ -36,10 +36,12 @@ MiB = 1024 * 1024
 
 @asynccontextmanager
 async def running_pipeline(config: Config, *, spool: Spool | None = None, watermarks: UploadWatermarks | None = None,
-                           disk_size: int = 1 << 20, key: bytes = bytes(range(32))) -> AsyncIterator[Pipeline]:
+                           disk_size: int = 1 << 20, key: bytes = bytes(range(32)),
+                           store: CacheStore | None = None) -> AsyncIterator[Pipeline]:
     """A started pipeline for disk "d" (real spool, local cache store and watermark file under ``config``),
     closed on exit; the store is ``pipeline.store``."""
-    pipeline = Pipeline(config, Sealer(key), spool or Spool(config.spool_dir, 1 << 30), LocalStore(config.store_dir),
+    pipeline = Pipeline(config, Sealer(key), spool or Spool(config.spool_dir, 1 << 30),
+                        store or LocalStore(config.store_dir),
                         watermarks or UploadWatermarks(config.state_dir / "uploaded.json"),
                         keys=lambda key_id: key if key_id == key_id_of(key) else None)
     await pipeline.start([DiskInfo("d", "agent-1", disk_size, 4096)])

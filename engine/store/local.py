@@ -10,14 +10,17 @@ from pathlib import Path
 import aiofiles
 import aiofiles.os
 
+from engine.filepool import FilePool
 from engine.fsutil import fsync_dir
 from protocol.logblob import BLOB_SUFFIX, parse_blob_name
 
 
 class LocalStore:
-    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+    def __init__(self, root: Path, *, fsync: bool = True, pool: FilePool | None = None) -> None:
+        """``pool``: where applied blobs go instead of being deleted (the spool's, on the same machine)."""
         self.root = root
         self.fsync = fsync
+        self.pool = pool
         root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, name: str) -> Path:
@@ -71,6 +74,9 @@ class LocalStore:
             return await handle.read()
 
     async def delete(self, name: str) -> None:
+        if self.pool is not None:
+            await asyncio.to_thread(self.pool.give, self._path(name))
+            return
         try:
             await aiofiles.os.remove(self._path(name))
         except FileNotFoundError:
