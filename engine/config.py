@@ -95,9 +95,9 @@ class SpoolConfig(_Section):
     max_bytes: ByteSize = Field(ByteSize(8 * 1024**3), ge=1024 * 1024,
                                 description="Spool capacity (bytes: write-ahead log and sealed blobs); when full, "
                                             "ingest pauses until uploads free space.")
-    fsync: bool = Field(True, description="fdatasync the write-ahead log before acknowledging, and fsync each "
-                                          "spooled blob (never turn off in production: an ack would no longer "
-                                          "mean durable).")
+    fsync: bool = Field(True, description="fdatasync the write-ahead log before acknowledging, and a blob's data "
+                                          "before the local cache store links it (never turn off in production: "
+                                          "an ack would no longer mean durable).")
 
 
 class UploadConfig(_Section):

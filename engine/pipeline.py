@@ -242,7 +242,7 @@ class Pipeline:
     async def start(self, disks: list[DiskInfo]) -> None:
         """Recover the spool and resume uploads of what the previous run left: its sealed blobs, then
         what its write-ahead log holds beyond them (acknowledged, never sealed)."""
-        leftovers = await asyncio.to_thread(self.spool.recover)
+        leftovers = await asyncio.to_thread(self.spool.recover, self._keys)
         by_disk: dict[str, list[SpooledBlob]] = {}
         for blob in leftovers:
             by_disk.setdefault(blob.header.disk, []).append(blob)

@@ -1,15 +1,18 @@
-"""The process server's spool: sealed blobs, fsynced, waiting for upload.
+"""The process server's spool: sealed blobs waiting for upload.
 
 The spool directory also holds the write-ahead log (``.wal``, engine/wal.py) that acknowledgements
-follow; a blob here is the sealed form of records the log already holds. Blobs are compressed and
-encrypted (nothing in clear text), and kept until the cache store has them *and* the upload
-watermark recording that is durable. After a crash the durable sequence of a disk starts as
+follow; a blob here is the sealed form of records the log already holds, which is why a blob is not
+fsynced: the log keeps its records until the cache store has them durably, so a blob that a crash
+tore or lost costs a replay from the log, never data. Blobs are compressed and encrypted (nothing in
+clear text), and kept until the cache store has them *and* the upload watermark recording that is
+durable. After a crash the durable sequence of a disk starts as
 
-    max(upload watermark, last sequence of the contiguous run of spooled blobs after it)
+    max(upload watermark, last sequence of the contiguous run of intact spooled blobs after it)
 
-and the log's records after that extend it (Pipeline.start). Spool writes complete in any order, so
-a blob after a hole is dropped: its records are replayed from the log, which is appended in order.
-That durable sequence is what the server tells a reconnecting agent to resume from.
+and the log's records after that extend it (Pipeline.start). A blob after a hole (spool writes
+complete in any order, and a torn blob is removed) is dropped: its records are replayed from the log,
+which is appended in order. That durable sequence is what the server tells a reconnecting agent to
+resume from.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 from engine.filepool import FilePool
 from engine.fsutil import fsync_dir, write_durably
 from protocol import LogBlobError
-from protocol.logblob import BLOB_SUFFIX, GCM_TAG_SIZE, HEADER_FIXED, BlobHeader, blob_name
+from protocol.logblob import BLOB_SUFFIX, BlobHeader, KeyLookup, blob_name, open_blob
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +61,15 @@ class Spool:
         return self.directory / name
 
     def write(self, name: str, data: memoryview) -> Path:
-        """Blocking: persist one sealed blob (called from a spool worker thread)."""
+        """Blocking: put one sealed blob in the spool (called from a spool worker thread).
+
+        Not fsynced (the log holds its records): two flushes of the disk per blob were what bounded
+        ingest at 1000 disks, whose blobs are small and many. A local cache store makes a blob's data
+        durable before it links it (LocalStore.put_files); a remote one holds a copy once it acknowledges.
+        """
         path = self.path_of(name)
         path.parent.mkdir(exist_ok=True)
-        write_durably(path, data, fsync=self.fsync, mode=0o600, reuse=self.pool.take)
+        write_durably(path, data, fsync=False, mode=0o600, reuse=self.pool.take)
         return path
 
     def discard(self, paths: list[Path]) -> None:
@@ -69,12 +77,12 @@ class Spool:
         for path in paths:
             self.pool.give(path)
 
-    def recover(self) -> list[SpooledBlob]:
-        """Blocking, at start-up: the blobs left by the previous run, in order.
+    def recover(self, keys: KeyLookup) -> list[SpooledBlob]:
+        """Blocking, at start-up: the intact blobs left by the previous run, in order.
 
-        Temporary files are torn writes that were never acknowledged; they are
-        removed. A complete-looking blob with a bad header is kept aside (renamed
-        ``.bad``) and reported, never uploaded.
+        Temporary files and blobs that do not authenticate completely (a crash tore or never wrote
+        what was not fsynced) are removed: the write-ahead log replays their records. A blob sealed
+        under a key no longer in the key ring stops the start instead (``keys`` is the ring).
         """
         found: list[SpooledBlob] = []
         # a disk id starts with a letter or digit: ".wal" (the write-ahead log) is not a disk's
@@ -85,23 +93,33 @@ class Spool:
                     continue
                 if not path.name.endswith(BLOB_SUFFIX):
                     continue
+                data = path.read_bytes()
                 try:
-                    with open(path, "rb") as handle:
-                        head = handle.read(HEADER_FIXED.size + 256)
-                    header = BlobHeader.unpack(head, name=path.name)
-                    size = path.stat().st_size
-                    if size != header.size + header.payload_size + GCM_TAG_SIZE:
-                        raise LogBlobError(f"size {size} does not match its header", name=path.name)
+                    header = BlobHeader.unpack(data, name=path.name)
                 except LogBlobError as exc:
-                    log.error("spool: %s; kept aside as %s.bad", exc, path)
-                    os.replace(path, path.with_name(path.name + ".bad"))
+                    _remove_torn(path, exc)
                     continue
+                if keys(header.key_id) is None:  # not damage: the key ring lacks a key it needs
+                    raise LogBlobError(f"sealed with key id {header.key_id.hex()}, which is not in the key ring "
+                                       "(keys.old_key_files)", disk=header.disk, name=path.name)
+                try:
+                    open_blob(data, keys, name=path.name)
+                except LogBlobError as exc:
+                    _remove_torn(path, exc)
+                    continue
+                size = len(data)
                 found.append(SpooledBlob(blob_name(header.disk, header.first_seq, header.last_seq), path, size,
                                          header))
                 self.used_bytes += size
             if self.fsync:  # a name renamed into place just before a kill -9 may not be on disk yet
                 fsync_dir(disk_dir)
         return found
+
+
+def _remove_torn(path: Path, exc: LogBlobError) -> None:
+    log.warning("spool: %s: %s; the crash cut its write short, so it is removed and its records are replayed "
+                "from the write-ahead log", path, exc)
+    path.unlink()
 
 
 class UploadWatermarks:

@@ -114,5 +114,5 @@ async def test_applied_blobs_come_back_as_spool_files(tmp_path: Path) -> None:
 def test_the_spool_pool_is_not_mistaken_for_a_disk(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", 1 << 30)
     (pool_dir(spool.directory) / "abc.0").write_bytes(b"not a blob")
-    assert spool.recover() == []
+    assert spool.recover(lambda key_id: None) == []
     assert (pool_dir(spool.directory) / "abc.0").exists()

@@ -22,6 +22,8 @@ from engine.config import Config
 from engine.disks import DiskInfo
 from engine.pipeline import Batch, Pipeline
 from engine.spool import Spool
+from engine.store import LocalStore
+from engine.store.base import StoreError
 from protocol import LogBlobError, Tag, TagKind, Write
 from protocol.logblob import (
     GCM_TAG_SIZE,
@@ -199,6 +201,29 @@ async def test_a_restart_replays_only_what_the_spool_and_store_do_not_hold(tmp_p
         assert third.streams["d"].durable_seq == 20
         await third.drain()
         assert await stored_writes(third) == {seq: bytes([seq]) * 4096 for seq in range(1, 21)}
+
+
+class StoreDown(LocalStore):
+    async def put_files(self, items: list[tuple[str, Path]]) -> None:
+        raise StoreError("cache store unreachable")
+
+
+async def test_a_spool_blob_torn_by_a_crash_is_replayed_from_the_log(tmp_path: Path) -> None:
+    """Spool blobs are not fsynced; what a power loss does to one is what this damage does, and the log
+    still holds its records because nothing of it reached the store."""
+    config = make_config(tmp_path / "data", batch={"linger_ms": 1})
+    async with running_pipeline(config, key=KEY, store=StoreDown(config.store_dir)) as first:
+        await write_and_wait_for_ack(first, range(1, 21))
+        stream = first.streams["d"]
+        await wait_for(lambda: stream.open_batch is None and not stream.sealing, "every write in a spooled blob")
+    [torn, *_] = sorted((config.spool_dir / "d").glob("*.bflog"))
+    data = bytearray(torn.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    torn.write_bytes(data)
+    async with running_pipeline(config, key=KEY) as second:
+        assert second.streams["d"].durable_seq == 20
+        await second.drain()
+        assert await stored_writes(second) == {seq: bytes([seq]) * 4096 for seq in range(1, 21)}
 
 
 async def test_tags_and_a_disk_known_only_from_the_log_replay_from_a_shared_chunk(tmp_path: Path) -> None:

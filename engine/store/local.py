@@ -15,6 +15,14 @@ from engine.fsutil import fsync_dir
 from protocol.logblob import BLOB_SUFFIX, parse_blob_name
 
 
+def _sync_data(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
 class LocalStore:
     def __init__(self, root: Path, *, fsync: bool = True, pool: FilePool | None = None) -> None:
         """``pool``: where applied blobs go instead of being deleted (the spool's, on the same machine)."""
@@ -46,6 +54,8 @@ class LocalStore:
         target.parent.mkdir(exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp")
         tmp.unlink(missing_ok=True)
+        if self.fsync:  # the spool does not sync its blobs: a name here must only ever mean whole data
+            _sync_data(source)
         try:
             os.link(source, tmp)  # same file system: no copy; the spool keeps its own name
         except OSError:
