@@ -299,7 +299,7 @@ class Applier:
                 return group, exc
             group.append(opened)
             size += opened.header.raw_size
-            expected = last + 1
+            expected = max(expected, last + 1)  # a blob inside the previous one (see _apply_group)
             ends_with_app = isinstance(opened.records[-1], TagRecord) and opened.records[-1].kind is TagKind.APP
             if ends_with_app or size >= self.group_max_bytes:
                 break
@@ -327,20 +327,23 @@ class Applier:
         current = d.state.applied_seq
         writes: list[tuple[int, memoryview]] = []
         tags: list[EntryTag] = []
+        # Blobs may overlap: after a power loss took a spooled blob's name but not the copy the store
+        # already held, the log is replayed into batches cut anew. Each sequence counts once.
+        last_seq = current
         for blob in group:
             for record in blob.records:
-                if record.seq <= current:
+                if record.seq <= last_seq:
                     continue
+                last_seq = record.seq
                 if isinstance(record, WriteRecord):
                     writes.append((record.offset, record.data))
                 else:
                     tags.append(EntryTag(record.seq, record.kind, record.tag_id))
-        last = group[-1].header
-        ends_with_tag = bool(tags) and tags[-1].seq == last.last_seq
-        name = EntryName(current, last.last_seq, ends_with_tag and tags[-1].kind is TagKind.APP,
+        ends_with_tag = bool(tags) and tags[-1].seq == last_seq
+        name = EntryName(current, last_seq, ends_with_tag and tags[-1].kind is TagKind.APP,
                          max(b.header.last_source_us for b in group), time.time_ns() // 1000,
                          tags[-1].tag_id if ends_with_tag else "")
-        disk_size = max(last.disk_size, d.state.disk_size)
+        disk_size = max(*(b.header.disk_size for b in group), d.state.disk_size)
         await d.volume.ensure_size(disk_size)
         ranges = merge_ranges([(offset, len(data)) for offset, data in writes])
         before = await d.volume.read_ranges(ranges)
@@ -352,7 +355,7 @@ class Applier:
         await d.volume.flush()
         written = sum(len(data) for _, data in writes)
         d.state.disk_size = disk_size
-        d.state.applied_seq = last.last_seq
+        d.state.applied_seq = last_seq
         d.state.last_source_us = max(d.state.last_source_us, name.source_us)
         d.state.applied_bytes += written
         await d.volume.save_state(d.state)  # 4.
