@@ -30,7 +30,9 @@ MiB = 1024 * 1024
 
 def _config_text(data: Path, port: int, *, applier: bool = True) -> str:
     return (f'[server]\ndata_dir = "{data}"\nport = {port}\n[http]\nport = 0\n'
-            f'[batch]\nmax_bytes = "512KiB"\n'
+            # batches are cut at 2 MiB or after 2 s: a kill always finds writes that were acknowledged
+            # from the log but not sealed yet (sealing alone is quick enough to leave none otherwise)
+            f'[batch]\nmax_bytes = "2MiB"\nlinger_ms = 2000\n'
             f'[applier]\nenabled = {"true" if applier else "false"}\npoll_ms = 20\nhttp_port = 0\n')
 
 
