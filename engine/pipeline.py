@@ -56,11 +56,6 @@ log = logging.getLogger(__name__)
 UPLOAD_GROUP = 64  # blobs one upload worker takes from the queue at once
 SPOOL_IO_THREADS = 16  # spool writes in flight at once
 WATERMARK_SAVE_INTERVAL_S = 0.1  # upload watermarks are saved at most this often
-# A batch up to this size is sealed on the event loop (~0.3 ms of lz4 + AES-GCM) instead of a seal thread:
-# a thread must win the GIL back from the loop and the spool threads after every call that released it
-# (up to a 5 ms switch interval each), which at 1000 disks, hundreds of small blobs a second, starved the
-# seal pool (stored 71-75 MB/s through the pool, 96-97 inline, back to back).
-INLINE_SEAL_MAX_BYTES = 512 * 1024
 
 
 async def put_files(store: CacheStore, items: list[tuple[str, Path]]) -> list[tuple[tuple[str, Path], Exception]]:
@@ -235,7 +230,6 @@ class Pipeline:
         self._uploaders: list[asyncio.Task[None]] = []
         self._watermark_lock = asyncio.Lock()
         self._watermarks_dirty = False
-        self._forgetting = 0  # uploaded groups whose watermark save and spool clean-up are still to come
         self._last_watermark_save = 0.0  # monotonic
         self._saved_watermarks = dict(watermarks.seqs)  # what a restart would recover from
         self._max_inflight = int(config.pipeline.max_inflight_bytes)
@@ -342,12 +336,10 @@ class Pipeline:
                      count, disk, self.streams[disk].durable_seq)
 
     async def drain(self) -> None:
-        """Cut every open batch and wait until everything accepted is logged, sealed, uploaded and its
-        upload watermark saved."""
+        """Cut every open batch and wait until everything accepted is logged, sealed and uploaded."""
         for stream in self.streams.values():
             self._cut(stream)
-        while (self.unlogged_records or self._forgetting
-               or any(s.sealing or s.uploading for s in self.streams.values())):
+        while self.unlogged_records or any(s.sealing or s.uploading for s in self.streams.values()):
             await asyncio.sleep(0.01)
 
     async def close(self) -> None:
@@ -484,11 +476,10 @@ class Pipeline:
         self._spawn(self._seal(stream, batch))
 
     async def _seal(self, stream: DiskStream, batch: Batch) -> None:
-        """Seal on the CPU pool (a small batch on the loop: INLINE_SEAL_MAX_BYTES), then write on the spool
-        pool, so the seal threads stay busy with lz4 and AES while files are written. The seal hands the
-        blob straight to the spool pool, so a blob costs one event-loop round trip, not two: under load
-        each round trip waited ~6 ms for the busy loop, and a disk whose linger expired meanwhile cuts its
-        next batch only after this one."""
+        """Seal on the CPU pool, then write on the spool pool, so the seal threads stay busy with lz4 and
+        AES while files are written. The seal hands the blob straight to the spool pool, so a blob costs
+        one event-loop round trip, not two: under load each round trip waited ~6 ms for the busy loop,
+        and a disk whose linger expired meanwhile cuts its next batch only after this one."""
         loop = asyncio.get_running_loop()
         spooled: asyncio.Future[tuple[memoryview, Path | OSError]] = loop.create_future()
 
@@ -512,10 +503,7 @@ class Pipeline:
                 return
             self._spool_executor.submit(write, sealed)
 
-        if batch.payload_bytes <= INLINE_SEAL_MAX_BYTES:
-            seal()
-        else:
-            self._executor.submit(seal)
+        self._executor.submit(seal)
         sealed, written = await spooled
         delays = self.config.upload.retry_delays()
         while isinstance(written, OSError):  # spool disk full or failing: the log holds the writes; keep trying
@@ -569,7 +557,7 @@ class Pipeline:
             for batch in group:
                 batch.uploaded = True
                 self.stats.stored_bytes += batch.size
-            self._advance_uploaded({self.streams[batch.disk] for batch in group})
+            await self._advance_uploaded({self.streams[batch.disk] for batch in group})
 
     async def _upload_with_retry(self, group: list[Batch]) -> None:
         delays = self.config.upload.retry_delays()
@@ -585,7 +573,7 @@ class Pipeline:
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter spreads a thundering herd
             pending = [item for item, _ in failed]
 
-    def _advance_uploaded(self, streams: set[DiskStream]) -> None:
+    async def _advance_uploaded(self, streams: set[DiskStream]) -> None:
         released: list[Batch] = []
         for stream in streams:
             done: list[Batch] = []
@@ -602,21 +590,14 @@ class Pipeline:
             return
         for notify in self.stored_listeners:  # in the store: the applier may take them now
             notify()
-        # not awaited: saves are at most every WATERMARK_SAVE_INTERVAL_S, and a worker waiting for one
-        # uploaded nothing meanwhile (at 1000 disks stored 52-56 MB/s awaited, 84-94 spawned)
-        if not self._closing:  # else the next start finds them in the spool, at or below the watermark
-            self._forgetting += 1
-            self._spawn(self._forget(released))
-
-    async def _forget(self, released: list[Batch]) -> None:
-        """Once the watermark recording them is saved, the spool and the log may let these blobs go."""
-        try:
-            await self._save_watermarks()
-            await asyncio.to_thread(self.spool.discard, [batch.path for batch in released if batch.path is not None])
-            self.spool.used_bytes -= sum(batch.size for batch in released)
-        finally:
-            self._forgetting -= 1
-        await self._release_log()
+        # Awaited, though saves are at most every WATERMARK_SAVE_INTERVAL_S: the wait lets the next group
+        # grow. Handing this to a task stored more at 1000 disks but cost ~10 % of the maximum ingest
+        # (266-270 against 290-297 MB/s, back to back; docs/benchmarks.md).
+        await self._save_watermarks()
+        # only now may the spool and the log let them go
+        await asyncio.to_thread(self.spool.discard, [batch.path for batch in released if batch.path is not None])
+        self.spool.used_bytes -= sum(batch.size for batch in released)
+        self._spawn(self._release_log())  # not awaited: the upload worker has the next group to send
 
     async def _save_watermarks(self) -> None:
         """Persist the upload watermarks; callers that arrive during a save share the next one.

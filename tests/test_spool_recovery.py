@@ -147,26 +147,3 @@ async def test_watermark_saves_are_coalesced_but_nothing_waits_for_them(tmp_path
         await asyncio.sleep(2 * WATERMARK_SAVE_INTERVAL_S)  # the last save lands
         assert UploadWatermarks(config.state_dir / "uploaded.json").seqs == {"d": 100}
 
-
-class SlowWatermarks(UploadWatermarks):
-    """A state disk whose saves take a second (a slow or busy disk)."""
-
-    def save(self, snapshot: dict[str, int]) -> None:
-        time.sleep(1.0)
-        super().save(snapshot)
-
-
-async def test_uploads_go_on_while_a_watermark_save_is_slow(tmp_path: Path) -> None:
-    """Upload workers hand the save and the spool's clean-up to a task: blobs keep reaching the store
-    (and the applier) while a save takes long, and drain() still waits for the save."""
-    config = make_config(tmp_path / "data", batch={"linger_ms": 1}, upload={"concurrency": 1})
-    watermarks = SlowWatermarks(config.state_dir / "uploaded.json")
-    async with running_pipeline(config, watermarks=watermarks) as pipeline:
-        stream = pipeline.streams["d"]
-        for seq in range(1, 6):
-            assert pipeline.accept_write(stream, Write.make(1, seq, 512 * seq, bytes([seq]) * 512, 0))
-            await wait_for(lambda seq=seq: stream.uploaded_seq == seq, f"sequence {seq} in the store", timeout=0.9)
-        assert not (config.state_dir / "uploaded.json").exists(), "the first save is still running"
-        await pipeline.drain()
-        assert UploadWatermarks(config.state_dir / "uploaded.json").seqs == {"d": 5}
-        assert not [p for p in (config.spool_dir / "d").iterdir()], "drained: the spool let the blobs go"
