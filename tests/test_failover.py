@@ -70,6 +70,9 @@ async def test_failover_to_app_point_and_latest_while_writing(tmp_path: Path, se
         await write_some(disk, recorder, writes, 150)
         await agent.flush()
         await server.drain()  # "latest-app" is the latest *processed* app point, as in ASR
+        await write_some(disk, recorder, writes, 50)  # a third point of its own, whatever the churn below
+        await agent.flush()  # gets applied while the points are listed
+        await server.drain()
 
         keep_writing = asyncio.Event()
 
