@@ -227,7 +227,7 @@ def _execute(preset: dict, **kw: object) -> None:
 @main.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @_common
 def run(**kw: object) -> None:
-    """The benchmark suite (all phases by default; ~8 minutes on 2 cores with the defaults)."""
+    """The benchmark suite (all phases by default; 5–8 minutes on 2 cores with the defaults)."""
     _execute(FULL, **kw)
 
 
