@@ -16,6 +16,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def sync_data(path: Path) -> None:
+    """fdatasync a file written earlier (by this or another process)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_durably(path: Path, data: bytes | bytearray | memoryview, *, fsync: bool = True, mode: int = 0o600,
                   reuse: Callable[[Path], bool] | None = None) -> None:
     """Write ``data`` to ``path`` so that after a crash it is either absent or complete.

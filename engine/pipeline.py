@@ -426,6 +426,7 @@ class Pipeline:
             stream.durable_seq = entry.last_seq
             for listener in list(stream.listeners.values()):
                 listener(entry.disk, entry.last_seq)
+            self._queue_uploads(stream)
         if self.wal.closed_segments != self._closed_segments_seen:
             # a segment closed after its writes were stored would otherwise wait for the next upload,
             # and with ingest paused on a full spool there may be none
@@ -525,13 +526,19 @@ class Pipeline:
         self.spool.used_bytes += batch.size
         self.stats.sealed_bytes += batch.size
         stream.sealed_bytes += batch.size
-        while stream.sealing and stream.sealing[0].sealed:  # uploads leave in sequence order
-            done = stream.sealing.popleft()
-            stream.uploading.append(done)
-            self._upload_queue.put_nowait(done)
+        self._queue_uploads(stream)
         if stream.cut_when_sealed and not stream.sealing:
             self._cut(stream)
         self._update_flow()
+
+    def _queue_uploads(self, stream: DiskStream) -> None:
+        """Sealed blobs leave for the store in sequence order, and only once the log holds their records:
+        a spool blob is not fsynced, so a blob in the store with records the log lacks could, after a power
+        loss, hold writes the agent was never told were durable — and numbers it then reuses."""
+        while stream.sealing and stream.sealing[0].sealed and stream.sealing[0].last_seq <= stream.durable_seq:
+            done = stream.sealing.popleft()
+            stream.uploading.append(done)
+            self._upload_queue.put_nowait(done)
 
     def _seal_blocking(self, batch: Batch) -> memoryview:
         """Worker thread: join once, lz4 + AES-GCM into a reused buffer."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.filepool import FilePool
-from engine.fsutil import fsync_dir, write_durably
+from engine.fsutil import fsync_dir, sync_data, write_durably
 from protocol import LogBlobError
 from protocol.logblob import BLOB_SUFFIX, BlobHeader, KeyLookup, blob_name, open_blob
 
@@ -96,6 +96,9 @@ class Spool:
                 data = path.read_bytes()
                 try:
                     header = BlobHeader.unpack(data, name=path.name)
+                    named = blob_name(header.disk, header.first_seq, header.last_seq)
+                    if named != f"{disk_dir.name}/{path.name}":  # a reused file's old content (engine/filepool.py)
+                        raise LogBlobError(f"holds blob {named}", name=path.name)
                 except LogBlobError as exc:
                     _remove_torn(path, exc)
                     continue
@@ -107,6 +110,8 @@ class Spool:
                 except LogBlobError as exc:
                     _remove_torn(path, exc)
                     continue
+                if self.fsync:  # read from the page cache after a kill -9: it counts once it is on disk
+                    sync_data(path)
                 size = len(data)
                 found.append(SpooledBlob(blob_name(header.disk, header.first_seq, header.last_seq), path, size,
                                          header))

@@ -7,6 +7,7 @@ import errno
 import gc
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from support import make_config, running_pipeline, wait_for
 from test_spool_recovery import FullSpool
 
 import engine.pipeline
+import engine.spool
 import engine.wal
 from engine.config import Config
 from engine.disks import DiskInfo
@@ -29,6 +31,7 @@ from protocol.logblob import (
     GCM_TAG_SIZE,
     RECORD_HEADER,
     BlobHeader,
+    Sealer,
     WriteRecord,
     blob_name,
     iter_records,
@@ -163,6 +166,54 @@ async def test_a_full_log_disk_delays_the_ack_until_the_chunk_is_written(tmp_pat
         await wait_for(lambda: acked, "the ack after the disk has room again")
         assert acked == [2] and pipeline.stats.spool_errors == 2
         await pipeline.drain()
+
+
+async def test_a_blob_goes_to_the_store_only_once_the_log_holds_its_records(tmp_path: Path) -> None:
+    """Spool blobs are not fsynced: a blob in the store ahead of the log could, after a power loss, hold
+    writes never acknowledged under sequence numbers the agent then reuses for other writes."""
+    config = make_config(tmp_path / "data", batch={"linger_ms": 1})
+    async with running_pipeline(config, key=KEY) as pipeline:
+        append = pipeline.wal.append
+        release = threading.Event()
+
+        def slow(pieces: list[bytes | memoryview], last_seqs: dict[str, int]) -> int:
+            release.wait(10)
+            return append(pieces, last_seqs)
+
+        pipeline.wal.append = slow  # type: ignore[method-assign]
+        stream = pipeline.streams["d"]
+        assert pipeline.accept_write(stream, Write.make(1, 1, 0, bytes(4096), 0))
+        await wait_for(lambda: stream.sealing and stream.sealing[0].sealed, "the blob sealed and spooled")
+        await asyncio.sleep(0.1)
+        assert await pipeline.store.list_blobs() == [] and stream.durable_seq == 0
+        release.set()
+        await pipeline.drain()
+        assert await pipeline.store.list_blobs() == [blob_name("d", 1, 1)]
+
+
+async def test_a_spooled_blob_a_kill_left_in_the_page_cache_is_synced_before_it_counts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sealed and spooled before its log commit finished, then kill -9: the restart finds it whole in the
+    page cache and tells the agent it is durable, so it must be on disk first."""
+    config = make_config(tmp_path / "data")
+    async with running_pipeline(config, key=KEY) as first:
+        await write_and_wait_for_ack(first, range(1, 3))
+        await first.drain()  # 1-2 stored: the blob below continues them
+    blob = Spool(config.spool_dir, 1 << 30).path_of(blob_name("d", 3, 4))
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    records = b"".join(write_record_header(seq, 0, 4096 * (seq - 1), 4096) + bytes([seq]) * 4096 for seq in (3, 4))
+    blob.write_bytes(Sealer(KEY).seal(records, BlobHeader("d", 1 << 20, 3, 4, 2, 0, 0), os.urandom(12)))
+    synced: list[str] = []
+    real = os.fdatasync
+
+    def recording(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(engine.spool.os, "fdatasync", recording)
+    async with running_pipeline(config, key=KEY) as second:
+        assert second.streams["d"].durable_seq == 4
+        assert str(blob) in synced
 
 
 # ---------------------------------------------------------------- restarts
