@@ -15,6 +15,7 @@ blob the cache store also holds) is another file's content and is simply unlinke
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import threading
@@ -44,13 +45,19 @@ class FilePool:
     def give(self, path: Path) -> None:
         """Blocking: keep ``path`` for reuse, or delete it (pool full, or linked elsewhere)."""
         try:
-            if self._enabled and os.stat(path).st_nlink == 1 and self._room():
-                os.rename(path, self.directory / f"{self._prefix}.{next(self._counter)}")
+            if not self._enabled or os.stat(path).st_nlink != 1 or not self._room():
+                path.unlink(missing_ok=True)
                 return
         except FileNotFoundError:
+            return  # already gone
+        try:
+            os.rename(path, self.directory / f"{self._prefix}.{next(self._counter)}")
             return
-        except OSError:  # EXDEV: the pool is on another file system than the blob
-            self._enabled = False
+        except FileNotFoundError:  # the pool's directory was removed: recreated for the next one
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:  # the pool is on another file system than the blob: never again
+                self._enabled = False
         path.unlink(missing_ok=True)
 
     def take(self, target: Path) -> bool:
@@ -60,7 +67,12 @@ class FilePool:
                 if not self._names:
                     if time.monotonic() - self._scanned_at < RESCAN_INTERVAL_S:
                         return False
-                    self._rescan()
+                    try:
+                        self._rescan()
+                    except OSError:  # the directory was removed (or cannot be read): write a new file
+                        self._scanned_at = time.monotonic()
+                        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+                        return False
                     if not self._names:
                         return False
                 name = self._names.popleft()
@@ -82,8 +94,11 @@ class FilePool:
     def _room(self) -> bool:
         with self._lock:
             if time.monotonic() - self._counted_at >= RESCAN_INTERVAL_S:
-                with os.scandir(self.directory) as entries:
-                    self._count = sum(1 for _ in entries)
+                try:
+                    with os.scandir(self.directory) as entries:
+                        self._count = sum(1 for _ in entries)
+                except FileNotFoundError:
+                    self._count = 0  # removed; give() recreates it
                 self._counted_at = time.monotonic()
             if self._count >= self.max_files:
                 return False

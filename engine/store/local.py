@@ -11,16 +11,8 @@ import aiofiles
 import aiofiles.os
 
 from engine.filepool import FilePool
-from engine.fsutil import fsync_dir
+from engine.fsutil import fsync_dir, sync_data
 from protocol.logblob import BLOB_SUFFIX, parse_blob_name
-
-
-def _sync_data(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
 
 
 class LocalStore:
@@ -52,10 +44,12 @@ class LocalStore:
 
     def _link(self, target: Path, source: Path) -> None:
         target.parent.mkdir(exist_ok=True)
+        if target.exists() and os.path.samefile(target, source):
+            return  # stored before a restart (renaming a link onto its own file would leave the temp name)
         tmp = target.with_name(f".{target.name}.tmp")
         tmp.unlink(missing_ok=True)
         if self.fsync:  # the spool does not sync its blobs: a name here must only ever mean whole data
-            _sync_data(source)
+            sync_data(source)
         try:
             os.link(source, tmp)  # same file system: no copy; the spool keeps its own name
         except OSError:
