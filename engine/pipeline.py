@@ -146,6 +146,11 @@ class DiskStream:
         """Server-clock arrival of the oldest stored write the applier process has not applied."""
         return self.unapplied[0][1] if self.unapplied else None
 
+    @property
+    def seal_in_flight(self) -> bool:
+        """A batch of this disk is being sealed or written (not: sealed and waiting for the log)."""
+        return any(not batch.sealed for batch in self.sealing)
+
     def batches(self) -> list[Batch]:
         """Everything accepted but not yet in the cache store, oldest first."""
         open_batch = [self.open_batch] if self.open_batch is not None else []
@@ -459,7 +464,7 @@ class Pipeline:
         when that seal completes. Under load this makes batches (and fsyncs) fewer and larger instead
         of one tiny blob per linger interval; at low load it changes nothing."""
         stream.linger = None
-        if stream.sealing:
+        if stream.seal_in_flight:
             stream.cut_when_sealed = True
         else:
             self._cut(stream)
@@ -527,7 +532,7 @@ class Pipeline:
         self.stats.sealed_bytes += batch.size
         stream.sealed_bytes += batch.size
         self._queue_uploads(stream)
-        if stream.cut_when_sealed and not stream.sealing:
+        if stream.cut_when_sealed and not stream.seal_in_flight:
             self._cut(stream)
         self._update_flow()
 

@@ -157,6 +157,8 @@ def test_storing_a_blob_again_after_a_restart_leaves_no_temporary_name(tmp_path:
     source = tmp_path / "spool.blob"
     source.write_bytes(b"sealed")
     name = blob_name("d", 1, 2)
-    for _ in range(2):  # the restart uploads the spooled blob again under the same name
-        asyncio.run(store.put_files([(name, source)]))
+    asyncio.run(store.put_files([(name, source)]))
+    leftover = tmp_path / "cache" / "d" / f".{name.split('/')[1]}.tmp"
+    os.link(source, leftover)  # what the same re-upload left behind before this was fixed
+    asyncio.run(store.put_files([(name, source)]))  # the restart uploads the spooled blob again
     assert sorted(p.name for p in (tmp_path / "cache" / "d").iterdir()) == [name.split("/")[1]]

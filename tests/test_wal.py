@@ -191,6 +191,28 @@ async def test_a_blob_goes_to_the_store_only_once_the_log_holds_its_records(tmp_
         assert await pipeline.store.list_blobs() == [blob_name("d", 1, 1)]
 
 
+async def test_a_linger_expiring_while_a_blob_waits_for_the_log_still_cuts_the_batch(tmp_path: Path) -> None:
+    """A sealed blob waiting for its log commit is not a seal in flight: the next batch's linger must
+    cut it, or it would wait (acknowledged, never stored, and holding the log) for the next write."""
+    config = make_config(tmp_path / "data", batch={"linger_ms": 20})
+    async with running_pipeline(config, key=KEY) as pipeline:
+        append = pipeline.wal.append
+        release = threading.Event()
+
+        def slow(pieces: list[bytes | memoryview], last_seqs: dict[str, int]) -> int:
+            release.wait(10)
+            return append(pieces, last_seqs)
+
+        pipeline.wal.append = slow  # type: ignore[method-assign]
+        stream = pipeline.streams["d"]
+        assert pipeline.accept_write(stream, Write.make(1, 1, 0, bytes(4096), 0))
+        await wait_for(lambda: stream.sealing and stream.sealing[0].sealed, "the first blob sealed")
+        assert pipeline.accept_write(stream, Write.make(1, 2, 4096, bytes(4096), 0))
+        await asyncio.sleep(0.1)  # the second batch's linger expires while the first waits for the log
+        release.set()
+        await wait_for(lambda: stream.uploaded_seq == 2, "both writes stored without another write or a drain")
+
+
 async def test_a_spooled_blob_a_kill_left_in_the_page_cache_is_synced_before_it_counts(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sealed and spooled before its log commit finished, then kill -9: the restart finds it whole in the

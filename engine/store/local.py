@@ -44,10 +44,10 @@ class LocalStore:
 
     def _link(self, target: Path, source: Path) -> None:
         target.parent.mkdir(exist_ok=True)
-        if target.exists() and os.path.samefile(target, source):
-            return  # stored before a restart (renaming a link onto its own file would leave the temp name)
         tmp = target.with_name(f".{target.name}.tmp")
         tmp.unlink(missing_ok=True)
+        if target.exists() and os.path.samefile(target, source):
+            return  # stored before a restart (renaming a link onto its own file would leave the temp name)
         if self.fsync:  # the spool does not sync its blobs: a name here must only ever mean whole data
             sync_data(source)
         try:
