@@ -168,19 +168,25 @@ async def test_a_full_log_disk_delays_the_ack_until_the_chunk_is_written(tmp_pat
         await pipeline.drain()
 
 
+def hold_log_commits(pipeline: Pipeline) -> threading.Event:
+    """Log commits wait (in the committer thread) until the returned event is set."""
+    append = pipeline.wal.append
+    release = threading.Event()
+
+    def held(pieces: list[bytes | memoryview], last_seqs: dict[str, int]) -> int:
+        release.wait(10)
+        return append(pieces, last_seqs)
+
+    pipeline.wal.append = held  # type: ignore[method-assign]
+    return release
+
+
 async def test_a_blob_goes_to_the_store_only_once_the_log_holds_its_records(tmp_path: Path) -> None:
     """Spool blobs are not fsynced: a blob in the store ahead of the log could, after a power loss, hold
     writes never acknowledged under sequence numbers the agent then reuses for other writes."""
     config = make_config(tmp_path / "data", batch={"linger_ms": 1})
     async with running_pipeline(config, key=KEY) as pipeline:
-        append = pipeline.wal.append
-        release = threading.Event()
-
-        def slow(pieces: list[bytes | memoryview], last_seqs: dict[str, int]) -> int:
-            release.wait(10)
-            return append(pieces, last_seqs)
-
-        pipeline.wal.append = slow  # type: ignore[method-assign]
+        release = hold_log_commits(pipeline)
         stream = pipeline.streams["d"]
         assert pipeline.accept_write(stream, Write.make(1, 1, 0, bytes(4096), 0))
         await wait_for(lambda: stream.sealing and stream.sealing[0].sealed, "the blob sealed and spooled")
@@ -196,14 +202,7 @@ async def test_a_linger_expiring_while_a_blob_waits_for_the_log_still_cuts_the_b
     cut it, or it would wait (acknowledged, never stored, and holding the log) for the next write."""
     config = make_config(tmp_path / "data", batch={"linger_ms": 20})
     async with running_pipeline(config, key=KEY) as pipeline:
-        append = pipeline.wal.append
-        release = threading.Event()
-
-        def slow(pieces: list[bytes | memoryview], last_seqs: dict[str, int]) -> int:
-            release.wait(10)
-            return append(pieces, last_seqs)
-
-        pipeline.wal.append = slow  # type: ignore[method-assign]
+        release = hold_log_commits(pipeline)
         stream = pipeline.streams["d"]
         assert pipeline.accept_write(stream, Write.make(1, 1, 0, bytes(4096), 0))
         await wait_for(lambda: stream.sealing and stream.sealing[0].sealed, "the first blob sealed")
