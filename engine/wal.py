@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.fsutil import fsync_dir, private_dir
+from engine.fsutil import fsync_dir, private_dir, sync_data
 from protocol import LogBlobError
 from protocol.logblob import NONCE_SIZE, KeyLookup
 from protocol.wal import WAL_MAGIC, WalChunk, WalSealer, WalSection, read_chunk, section_header
@@ -87,11 +87,7 @@ class WriteAheadLog:
                     segment.last_seqs[section.disk] = max(segment.last_seqs.get(section.disk, 0), section.last_seq)
                 sections += [s for s in chunk.sections if s.last_seq > after.get(s.disk, 0)]
             if self.fsync:
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fdatasync(fd)
-                finally:
-                    os.close(fd)
+                sync_data(path)
             self._closed.append(segment)
             self._next_segment = int(path.stem) + 1
         if self.fsync:
