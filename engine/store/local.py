@@ -48,15 +48,12 @@ class LocalStore:
         tmp.unlink(missing_ok=True)
         if target.exists() and os.path.samefile(target, source):
             return  # stored before a restart (renaming a link onto its own file would leave the temp name)
-        if self.fsync:  # the spool does not sync its blobs: a name here must only ever mean whole data
-            sync_data(source)
         try:
             os.link(source, tmp)  # same file system: no copy; the spool keeps its own name
         except OSError:
             shutil.copyfile(source, tmp)
-            if self.fsync:
-                with open(tmp, "rb+") as handle:
-                    os.fsync(handle.fileno())
+        if self.fsync:  # the spool does not sync its blobs: the final name must only ever mean whole data
+            sync_data(tmp)
         os.replace(tmp, target)
 
     async def list_blobs(self) -> list[str]:
