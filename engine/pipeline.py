@@ -461,7 +461,7 @@ class Pipeline:
 
     def _linger_expired(self, stream: DiskStream) -> None:
         """Group commit: while a seal of this disk is in flight the batch keeps filling, and is cut
-        when that seal completes. Under load this makes batches (and fsyncs) fewer and larger instead
+        when that seal completes. Under load this makes batches (and files) fewer and larger instead
         of one tiny blob per linger interval; at low load it changes nothing."""
         stream.linger = None
         if stream.seal_in_flight:

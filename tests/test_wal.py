@@ -22,7 +22,7 @@ import engine.spool
 import engine.wal
 from engine.config import Config
 from engine.disks import DiskInfo
-from engine.pipeline import Batch, Pipeline
+from engine.pipeline import Batch, DiskStream, Pipeline
 from engine.spool import Spool
 from engine.store import LocalStore
 from engine.store.base import StoreError
@@ -181,15 +181,21 @@ def hold_log_commits(pipeline: Pipeline) -> threading.Event:
     return release
 
 
+async def first_blob_waiting_for_the_log(pipeline: Pipeline) -> tuple[DiskStream, threading.Event]:
+    """Write 1 of disk "d" sealed and spooled while its log commit is held; set the event to let it go."""
+    release = hold_log_commits(pipeline)
+    stream = pipeline.streams["d"]
+    assert pipeline.accept_write(stream, Write.make(1, 1, 0, bytes(4096), 0))
+    await wait_for(lambda: stream.sealing and stream.sealing[0].sealed, "the first blob sealed and spooled")
+    return stream, release
+
+
 async def test_a_blob_goes_to_the_store_only_once_the_log_holds_its_records(tmp_path: Path) -> None:
     """Spool blobs are not fsynced: a blob in the store ahead of the log could, after a power loss, hold
     writes never acknowledged under sequence numbers the agent then reuses for other writes."""
     config = make_config(tmp_path / "data", batch={"linger_ms": 1})
     async with running_pipeline(config, key=KEY) as pipeline:
-        release = hold_log_commits(pipeline)
-        stream = pipeline.streams["d"]
-        assert pipeline.accept_write(stream, Write.make(1, 1, 0, bytes(4096), 0))
-        await wait_for(lambda: stream.sealing and stream.sealing[0].sealed, "the blob sealed and spooled")
+        stream, release = await first_blob_waiting_for_the_log(pipeline)
         await asyncio.sleep(0.1)
         assert await pipeline.store.list_blobs() == [] and stream.durable_seq == 0
         release.set()
@@ -202,10 +208,7 @@ async def test_a_linger_expiring_while_a_blob_waits_for_the_log_still_cuts_the_b
     cut it, or it would wait (acknowledged, never stored, and holding the log) for the next write."""
     config = make_config(tmp_path / "data", batch={"linger_ms": 20})
     async with running_pipeline(config, key=KEY) as pipeline:
-        release = hold_log_commits(pipeline)
-        stream = pipeline.streams["d"]
-        assert pipeline.accept_write(stream, Write.make(1, 1, 0, bytes(4096), 0))
-        await wait_for(lambda: stream.sealing and stream.sealing[0].sealed, "the first blob sealed")
+        stream, release = await first_blob_waiting_for_the_log(pipeline)
         assert pipeline.accept_write(stream, Write.make(1, 2, 4096, bytes(4096), 0))
         await asyncio.sleep(0.1)  # the second batch's linger expires while the first waits for the log
         release.set()
