@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import queue
 import random
 import time
@@ -32,13 +31,13 @@ from prometheus_client import Histogram
 
 from engine.config import Config
 from engine.disks import DiskInfo
+from engine.nonces import RandomNonces
 from engine.spool import Spool, SpooledBlob, UploadWatermarks
 from engine.store import CacheStore
 from engine.store.base import StoreError
 from engine.wal import SEGMENT_BYTES, GroupCommitter, Logged, WriteAheadLog
 from protocol import SECTOR_SIZE, ErrorCode, RemoteProtocolError, Tag, Write
 from protocol.logblob import (
-    NONCE_SIZE,
     BlobHeader,
     KeyLookup,
     Sealer,
@@ -230,6 +229,7 @@ class Pipeline:
         self._spare_buffers = 2 * config.seal_threads  # sealed-blob buffers kept for reuse (per blob: no os calls)
         self._spool_executor = ThreadPoolExecutor(SPOOL_IO_THREADS, thread_name_prefix="spool")
         self._buffers: queue.SimpleQueue[bytearray] = queue.SimpleQueue()  # sealed-blob buffers to reuse
+        self._nonces = RandomNonces()
         self._upload_queue: asyncio.Queue[Batch] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._uploaders: list[asyncio.Task[None]] = []
@@ -554,7 +554,7 @@ class Pipeline:
             buffer: bytearray | None = self._buffers.get_nowait()
         except queue.Empty:
             buffer = None
-        return self.sealer.seal(records, header, os.urandom(NONCE_SIZE), out=buffer)
+        return self.sealer.seal(records, header, self._nonces(), out=buffer)
 
     # ------------------------------------------------------------ upload
 

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.fsutil import fsync_dir, private_dir, sync_data
+from engine.nonces import RandomNonces
 from protocol import LogBlobError
-from protocol.logblob import NONCE_SIZE, KeyLookup
+from protocol.logblob import KeyLookup
 from protocol.wal import WAL_MAGIC, WalChunk, WalSealer, WalSection, read_chunk, section_header
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class WriteAheadLog:
         self._next_segment = 1
         self._next_chunk = 1
         self._lock = threading.Lock()
+        self._nonces = RandomNonces()
 
     def replay(self, keys: KeyLookup, after: dict[str, int]) -> list[WalSection]:
         """At start-up: the sections the previous runs logged, in log order, except those whose disk is
@@ -134,7 +136,7 @@ class WriteAheadLog:
         self._next_chunk += 1  # used up even if this append fails: its bytes may survive in the old segment
         written = 0
         try:
-            for view in self.sealer.seal(number, pieces, os.urandom(NONCE_SIZE)):
+            for view in self.sealer.seal(number, pieces, self._nonces()):
                 while view:
                     done = os.write(fd, view)
                     view = view[done:]
