@@ -239,6 +239,23 @@ def quick(**kw: object) -> None:
 
 
 @main.command()
+@click.option("--records", default=3, show_default=True, help="Records per commit.")
+@click.option("--record-size", "record_size", default="64KiB", show_default=True, help="Payload bytes per record.")
+@click.option("--commits", default=400, show_default=True, help="Commits per measurement.")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the log goes (a temporary directory under it) [the system's temporary directory].")
+def commit(records: int, record_size: str, commits: int, directory: Path | None) -> None:
+    """The write-ahead log's commit latency, alone and beside a busy Python thread (the event loop)."""
+    from bench.commit import measure_commit
+
+    result = measure_commit(records, _size(record_size), commits, directory)
+    for label in ("alone", "beside_busy_thread"):
+        click.echo(f"{label:>20}: p50 {result[label]['p50_ms']:7.2f} ms   p99 {result[label]['p99_ms']:7.2f} ms")
+    click.echo(f"{result['switch_intervals_per_commit']:.1f} GIL switch intervals "
+               f"({result['switch_interval_ms']:.0f} ms) per commit beside the busy thread (p50)")
+
+
+@main.command()
 @click.argument("old", type=click.Path(exists=True, path_type=Path))
 @click.argument("new", type=click.Path(exists=True, path_type=Path))
 def compare(old: Path, new: Path) -> None:

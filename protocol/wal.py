@@ -30,7 +30,7 @@ from protocol.logblob import GCM_TAG_SIZE, KEY_SIZE, NONCE_SIZE, BlobHeader, Key
 WAL_MAGIC = b"\x89BFWAL\r\n"
 CHUNK_HEADER = struct.Struct("<8sQ8s12sI")  # magic, chunk number, key id, nonce, ciphertext length (incl. tag)
 SECTION_HEADER = struct.Struct("<HQQQII")  # disk id length, disk size, first seq, last seq, records, bytes
-STREAM_BUFFER = 1024 * 1024  # ciphertext is handed out in pieces of this size
+STREAM_BUFFER = 1024 * 1024  # records are encrypted (and handed out) in pieces of this size
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,40 +63,57 @@ def section_header(disk: str, disk_size: int, first_seq: int, last_seq: int, rec
 
 
 class WalSealer:
-    """Encrypts chunks under one key, streaming: a chunk of any size passes through one small buffer,
-    with neither a joined copy of the records nor a chunk-sized output (a commit under load holds tens
-    of MiB). Not thread-safe (the buffer): one per log writer."""
+    """Encrypts chunks under one key, streaming: a chunk of any size passes through two small buffers,
+    with neither a joined copy of all the records nor a chunk-sized output (a commit under load holds
+    tens of MiB). Not thread-safe (the buffers): one per log writer.
+
+    The records are gathered into a staging buffer and encrypted in one call per ``STREAM_BUFFER``, not
+    one per record piece: every call releases the GIL, and in a thread beside the busy event loop each
+    release costs up to a switch interval (5 ms) to win it back, which is latency for every write the
+    chunk acknowledges. For the same reason the header shares the first view, so a chunk up to
+    ``STREAM_BUFFER`` is written in one call."""
 
     def __init__(self, key: bytes) -> None:
         if len(key) != KEY_SIZE:
             raise ValueError(f"an AES-256 key is {KEY_SIZE} bytes, got {len(key)}")
         self._key = key
         self.key_id = key_id_of(key)
-        self._buffer = bytearray(STREAM_BUFFER + GCM_TAG_SIZE)  # update_into wants room for a block beyond
+        self._staging = bytearray(STREAM_BUFFER)
+        # the header, then ciphertext; update_into wants room for a block beyond its input
+        self._buffer = bytearray(CHUNK_HEADER.size + STREAM_BUFFER + GCM_TAG_SIZE)
+
+    @staticmethod
+    def chunk_size(pieces: Sequence[bytes | memoryview]) -> int:
+        """The bytes :meth:`seal` hands out for ``pieces``, header and tag included."""
+        return CHUNK_HEADER.size + sum(map(len, pieces)) + GCM_TAG_SIZE
 
     def seal(self, number: int, pieces: Sequence[bytes | memoryview], nonce: bytes) -> Iterator[memoryview]:
         """The chunk of the concatenated ``pieces`` (section headers and records), in order, as views
-        each valid only until the next is taken."""
+        each valid only until the next is taken: one view for a chunk of up to ``STREAM_BUFFER`` bytes
+        of pieces."""
         if len(nonce) != NONCE_SIZE:
             raise ValueError("nonce must be 12 bytes")
-        head = CHUNK_HEADER.pack(WAL_MAGIC, number, self.key_id, nonce, sum(map(len, pieces)) + GCM_TAG_SIZE)
-        yield memoryview(head)
-        encryptor = Cipher(algorithms.AES(self._key), modes.GCM(nonce)).encryptor()
-        encryptor.authenticate_additional_data(head)
         out = memoryview(self._buffer)
+        start = CHUNK_HEADER.size  # where the ciphertext of the current view starts
+        CHUNK_HEADER.pack_into(out, 0, WAL_MAGIC, number, self.key_id, nonce, self.chunk_size(pieces) - start)
+        encryptor = Cipher(algorithms.AES(self._key), modes.GCM(nonce)).encryptor()
+        encryptor.authenticate_additional_data(out[:start])
+        staging = memoryview(self._staging)
         fill = 0
         for piece in pieces:
             rest = memoryview(piece)
             while rest:
+                if fill == STREAM_BUFFER:  # only now: were these the last bytes, they and the tag are one view
+                    yield out[:start + encryptor.update_into(staging, out[start:])]
+                    start = fill = 0
                 take = min(len(rest), STREAM_BUFFER - fill)
-                fill += encryptor.update_into(rest[:take], out[fill:])
+                staging[fill:fill + take] = rest[:take]
+                fill += take
                 rest = rest[take:]
-                if fill == STREAM_BUFFER:
-                    yield out[:fill]
-                    fill = 0
+        end = start + (encryptor.update_into(staging[:fill], out[start:]) if fill else 0)
         encryptor.finalize()
-        out[fill:fill + GCM_TAG_SIZE] = encryptor.tag
-        yield out[:fill + GCM_TAG_SIZE]
+        out[end:end + GCM_TAG_SIZE] = encryptor.tag
+        yield out[:end + GCM_TAG_SIZE]
 
 
 def read_chunk(data: bytes | memoryview, offset: int, keys: KeyLookup, *, name: str | None = None) -> WalChunk | None:

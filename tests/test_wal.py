@@ -26,6 +26,7 @@ from engine.pipeline import Batch, DiskStream, Pipeline
 from engine.spool import Spool
 from engine.store import LocalStore
 from engine.store.base import StoreError
+from engine.wal import WriteAheadLog
 from protocol import LogBlobError, Tag, TagKind, Write
 from protocol.logblob import (
     GCM_TAG_SIZE,
@@ -118,6 +119,41 @@ def test_a_chunk_larger_than_the_stream_buffer_reads_back() -> None:
         read = read_chunk(chunk, 0, keys)
         assert read is not None and read.size == len(chunk)
         assert bytes(read.sections[0].records) == b"".join(pieces[1:])
+
+
+def test_a_chunk_up_to_the_stream_buffer_is_one_view_header_included() -> None:
+    """One view is one write call for the committer, and each call costs it a GIL hand-over."""
+    exact_fill = STREAM_BUFFER - SECTION_HEADER.size - len("d") - RECORD_HEADER.size
+    sealer = WalSealer(KEY)
+    assert len(list(sealer.seal(1, section([os.urandom(exact_fill)]), os.urandom(12)))) == 1
+    assert len(list(sealer.seal(2, section([os.urandom(exact_fill + 1)]), os.urandom(12)))) == 2
+
+
+def test_a_small_commit_is_one_synced_write_and_a_large_one_ends_with_an_fdatasync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real_pwritev, real_fdatasync = os.pwritev, os.fdatasync
+
+    def pwritev(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+        calls.append("pwritev+dsync" if flags & os.RWF_DSYNC else "pwritev")
+        return real_pwritev(fd, buffers, offset, flags)
+
+    def fdatasync(fd: int) -> None:
+        calls.append("fdatasync")
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(engine.wal.os, "pwritev", pwritev)
+    monkeypatch.setattr(engine.wal.os, "fdatasync", fdatasync)
+    wal = WriteAheadLog(tmp_path / "wal", WalSealer(KEY))
+    small, large = section([os.urandom(64 * 1024)]), section([os.urandom(STREAM_BUFFER * 2)])
+    wal.append(small, {"d": 1})
+    assert calls == ["pwritev+dsync"]
+    calls.clear()
+    wal.append(large, {"d": 1})
+    assert calls == ["pwritev"] * 3 + ["fdatasync"]
+    wal.close()
+    replayed = WriteAheadLog(tmp_path / "wal", WalSealer(KEY)).replay(keys, {})
+    assert [bytes(s.records) for s in replayed] == [b"".join(small[1:]), b"".join(large[1:])]
 
 
 def test_an_altered_chunk_ends_the_log_and_a_foreign_key_is_named() -> None:
@@ -327,23 +363,25 @@ async def test_tags_and_a_disk_known_only_from_the_log_replay_from_a_shared_chun
 
 async def test_a_failed_append_moves_to_a_new_segment_and_loses_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """fdatasync fails once (EIO, as a failing disk answers): the chunk is written again to a new segment,
-    the ack waits for that, and a restart reads both segments without complaint."""
+    """The synced write fails once after its bytes reached the file (EIO from the flush, as a failing disk
+    answers): the chunk is written again to a new segment, the ack waits for that, and a restart reads
+    both segments without complaint."""
     config = make_config(tmp_path / "data", upload={"retry_initial_ms": 20})
     async with running_pipeline(config, spool=never_spooled(config), key=KEY) as first:
-        real_fdatasync = os.fdatasync
+        real_pwritev = os.pwritev
         failures = [OSError(errno.EIO, "Input/output error")]
 
-        def failing_once(fd: int) -> None:
-            if failures:
+        def failing_once(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+            written = real_pwritev(fd, buffers, offset, flags)
+            if failures and flags & os.RWF_DSYNC:
                 raise failures.pop()
-            real_fdatasync(fd)
+            return written
 
-        monkeypatch.setattr(engine.wal.os, "fdatasync", failing_once)
+        monkeypatch.setattr(engine.wal.os, "pwritev", failing_once)
         await write_and_wait_for_ack(first, range(1, 21))
         assert first.stats.spool_errors == 1
         assert [path.name for path in segments(first)] == [f"{2:020d}.wal"], "the first one, cut back empty, went"
-        monkeypatch.setattr(engine.wal.os, "fdatasync", real_fdatasync)
+        monkeypatch.setattr(engine.wal.os, "pwritev", real_pwritev)
     assert f"Input/output error: '{config.spool_dir / '.wal' / f'{1:020d}.wal'}'" in caplog.text, "names the segment"
     async with running_pipeline(config, key=KEY) as second:
         assert second.streams["d"].durable_seq == 20
