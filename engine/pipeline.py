@@ -302,7 +302,21 @@ class Pipeline:
         stream = self.streams.get(info.disk)
         if stream is None:
             stream = self.streams[info.disk] = DiskStream(info, self.watermarks.seqs.get(info.disk, 0))
+            self._spawn(self._make_directories(info.disk))
         return stream
+
+    async def _make_directories(self, disk: str) -> None:
+        """A newly opened disk's spool and cache-store directories, made now rather than by its first blob.
+
+        On a file system slow to allocate inodes (ext4 without a journal: docs/benchmarks.md) a directory
+        costs a millisecond or more, and with 1000 disks opening at once their first blobs came late, under
+        load, and took that time from the spool threads and the uploads. A failure here is only logged: the
+        first blob's write makes the directory again and reports what stops it."""
+        try:
+            await asyncio.to_thread(self.spool.make_directory, disk)
+            await self.store.make_directory(disk)
+        except (OSError, StoreError) as exc:
+            log.warning("disk %r: cannot prepare its directories yet: %s", disk, exc)
 
     def _replay(self, sections: list[WalSection]) -> None:
         """Batch again what the log holds beyond the spooled blobs: acknowledged before the restart, so

@@ -60,6 +60,10 @@ class Spool:
     def path_of(self, name: str) -> Path:
         return self.directory / name
 
+    def make_directory(self, disk: str) -> None:
+        """Blocking: the directory ``disk``'s blobs are written to (made by the first write otherwise)."""
+        self.path_of(blob_name(disk, 0, 0)).parent.mkdir(exist_ok=True)
+
     def write(self, name: str, data: memoryview) -> Path:
         """Blocking: put one sealed blob in the spool (called from a spool worker thread).
 

@@ -314,6 +314,16 @@ async def test_a_restart_replays_only_what_the_spool_and_store_do_not_hold(tmp_p
         assert await stored_writes(third) == {seq: bytes([seq]) * 4096 for seq in range(1, 21)}
 
 
+async def test_an_opened_disk_gets_its_directories_before_its_first_blob(tmp_path: Path) -> None:
+    """Made at open, not by the first blob's spool write and upload (slow on a journal-less ext4)."""
+    config = make_config(tmp_path / "data")
+    async with running_pipeline(config, key=KEY) as pipeline:
+        pipeline.stream(DiskInfo("e", "agent-1", 1 << 20, 4096))
+        await wait_for(lambda: (config.spool_dir / "e").is_dir() and (config.store_dir / "e").is_dir(),
+                       "disk e's spool and store directories")
+        assert not pipeline.streams["e"].sealing and pipeline.streams["e"].open_batch is None
+
+
 class StoreDown(LocalStore):
     async def put_files(self, items: list[tuple[str, Path]]) -> None:
         raise StoreError("cache store unreachable")

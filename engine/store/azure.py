@@ -67,6 +67,9 @@ class AzureBlobStore(AzureContainer):
 
     # ------------------------------------------------------------------ CacheStore
 
+    async def make_directory(self, disk: str) -> None:
+        """Nothing: a container has no directories (names carry the disk)."""
+
     async def put_file(self, name: str, path: Path) -> None:
         blob = self._blob(name)
         data = await asyncio.to_thread(path.read_bytes)

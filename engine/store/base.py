@@ -22,6 +22,10 @@ class CacheStore(Protocol):
     async def put_file(self, name: str, path: Path) -> None:
         """Store the (complete, fsynced) file at ``path`` under ``name``, durably."""
 
+    async def make_directory(self, disk: str) -> None:
+        """Prepare whatever ``disk``'s blobs need before the first one arrives (nothing in a container
+        store); ``put_file`` must work without it."""
+
     async def list_blobs(self) -> list[str]:
         """All log-blob names, sorted (per disk, by first sequence)."""
 

@@ -12,7 +12,7 @@ import aiofiles.os
 
 from engine.filepool import FilePool
 from engine.fsutil import fsync_dir, sync_data
-from protocol.logblob import BLOB_SUFFIX, parse_blob_name
+from protocol.logblob import BLOB_SUFFIX, blob_name, parse_blob_name
 
 
 class LocalStore:
@@ -27,6 +27,9 @@ class LocalStore:
         if parse_blob_name(name) is None or ".." in name:
             raise ValueError(f"not a log-blob name: {name!r}")
         return self.root / name
+
+    async def make_directory(self, disk: str) -> None:
+        await aiofiles.os.makedirs(self._path(blob_name(disk, 0, 0)).parent, exist_ok=True)
 
     async def put_file(self, name: str, path: Path) -> None:
         await self.put_files([(name, path)])
