@@ -162,3 +162,20 @@ def test_storing_a_blob_again_after_a_restart_leaves_no_temporary_name(tmp_path:
     os.link(source, leftover)  # what the same re-upload left behind before this was fixed
     asyncio.run(store.put_files([(name, source)]))  # the restart uploads the spooled blob again
     assert sorted(p.name for p in (tmp_path / "cache" / "d").iterdir()) == [name.split("/")[1]]
+
+
+async def test_the_local_store_makes_a_disk_directory_but_never_its_missing_root(tmp_path: Path) -> None:
+    """A root gone missing (an unmounted volume) must fail uploads, not be made again on another disk."""
+    store = LocalStore(tmp_path / "cache")
+    await store.make_directory("a..b")  # one safe path component: a valid disk id
+    assert (tmp_path / "cache" / "a..b").is_dir()
+    source = tmp_path / "blob"
+    source.write_bytes(b"x" * 100)
+    await store.put_file(blob_name("a..b", 1, 1), source)
+    assert await store.list_blobs() == [blob_name("a..b", 1, 1)]
+    with pytest.raises(ValueError, match="not a log-blob name"):
+        await store.make_directory("..")
+    shutil.rmtree(tmp_path / "cache")
+    with pytest.raises(FileNotFoundError):
+        await store.make_directory("d")
+    assert not (tmp_path / "cache").exists()

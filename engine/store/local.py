@@ -12,6 +12,7 @@ import aiofiles.os
 
 from engine.filepool import FilePool
 from engine.fsutil import fsync_dir, sync_data
+from protocol.frames import disk_id_problem
 from protocol.logblob import BLOB_SUFFIX, blob_name, parse_blob_name
 
 
@@ -24,12 +25,14 @@ class LocalStore:
         root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, name: str) -> Path:
-        if parse_blob_name(name) is None or ".." in name:
+        parsed = parse_blob_name(name)
+        if parsed is None or disk_id_problem(parsed[0]):  # a disk id is one safe path component ("a..b" too)
             raise ValueError(f"not a log-blob name: {name!r}")
         return self.root / name
 
     async def make_directory(self, disk: str) -> None:
-        await aiofiles.os.makedirs(self._path(blob_name(disk, 0, 0)).parent, exist_ok=True)
+        # not makedirs: a store root gone missing (an unmounted volume) must fail uploads, not be re-made
+        await asyncio.to_thread(self._path(blob_name(disk, 0, 0)).parent.mkdir, exist_ok=True)
 
     async def put_file(self, name: str, path: Path) -> None:
         await self.put_files([(name, path)])
