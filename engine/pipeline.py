@@ -315,7 +315,7 @@ class Pipeline:
         try:
             await asyncio.to_thread(self.spool.make_directory, disk)
             await self.store.make_directory(disk)
-        except (OSError, StoreError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a spawned task: whatever it is, say so now, not at GC
             log.warning("disk %r: cannot prepare its directories yet: %s", disk, exc)
 
     def _replay(self, sections: list[WalSection]) -> None:

@@ -156,6 +156,38 @@ def test_a_small_commit_is_one_synced_write_and_a_large_one_ends_with_an_fdatasy
     assert [bytes(s.records) for s in replayed] == [b"".join(small[1:]), b"".join(large[1:])]
 
 
+@pytest.mark.parametrize("failing", ["pwritev", "fdatasync"])
+def test_a_failed_append_cuts_its_segment_back_and_the_next_one_starts_a_new_segment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
+    """EIO after the bytes reached the file, from the one-call synced write (a small chunk) or from the
+    fdatasync that ends a large one: the torn chunk must not stay in the segment, and the retry goes to
+    a new one."""
+    real = getattr(os, failing)
+    failures = [OSError(errno.EIO, "Input/output error")]
+
+    def failing_once(*args: object) -> object:
+        result = real(*args)
+        if failures and (failing == "fdatasync" or args[-1] & os.RWF_DSYNC):
+            raise failures.pop()
+        return result
+
+    wal = WriteAheadLog(tmp_path / "wal", WalSealer(KEY))
+    kept = section([os.urandom(1000)])
+    wal.append(kept, {"d": 1})
+    [first] = sorted((tmp_path / "wal").glob("*.wal"))
+    size_before = first.stat().st_size
+    monkeypatch.setattr(engine.wal.os, failing, failing_once)
+    retried = section([os.urandom(64 * 1024 if failing == "pwritev" else STREAM_BUFFER * 2)])
+    with pytest.raises(OSError, match="Input/output error"):
+        wal.append(retried, {"d": 2})
+    assert first.stat().st_size == size_before, "the torn chunk was cut off"
+    wal.append(retried, {"d": 2})
+    wal.close()
+    assert len(list((tmp_path / "wal").glob("*.wal"))) == 2
+    replayed = WriteAheadLog(tmp_path / "wal", WalSealer(KEY)).replay(keys, {})
+    assert [bytes(s.records) for s in replayed] == [b"".join(kept[1:]), b"".join(retried[1:])]
+
+
 def test_an_altered_chunk_ends_the_log_and_a_foreign_key_is_named() -> None:
     chunk = bytearray(sealed_chunk(1, [section_header("d", 4096, 1, 1, 1, 0)]))
     chunk[CHUNK_HEADER.size + 3] ^= 1
@@ -322,6 +354,21 @@ async def test_an_opened_disk_gets_its_directories_before_its_first_blob(tmp_pat
         await wait_for(lambda: (config.spool_dir / "e").is_dir() and (config.store_dir / "e").is_dir(),
                        "disk e's spool and store directories")
         assert not pipeline.streams["e"].sealing and pipeline.streams["e"].open_batch is None
+
+
+class StoreWithoutDirectories(LocalStore):
+    async def make_directory(self, disk: str) -> None:
+        raise ValueError(f"no directory for {disk}")
+
+
+async def test_a_disk_whose_directories_cannot_be_made_is_reported_at_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = make_config(tmp_path / "data")
+    async with running_pipeline(config, key=KEY, store=StoreWithoutDirectories(config.store_dir)) as pipeline:
+        with caplog.at_level(logging.WARNING, logger="engine.pipeline"):
+            pipeline.stream(DiskInfo("e", "agent-1", 1 << 20, 4096))
+            await wait_for(lambda: "disk 'e': cannot prepare its directories yet: no directory for e" in caplog.text,
+                           "the warning")
 
 
 class StoreDown(LocalStore):
