@@ -18,6 +18,8 @@ class RandomNonces:
     """
 
     def __init__(self, batch: int = 4096) -> None:
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
         self._batch = batch
         self._pool = b""
         self._taken = 0
