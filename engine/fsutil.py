@@ -25,23 +25,17 @@ def sync_data(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, data: bytes | bytearray | memoryview, *, fsync: bool = True, mode: int = 0o600,
-                  reuse: Callable[[Path], bool] | None = None) -> None:
+def write_durably(path: Path, data: bytes | bytearray | memoryview, *, fsync: bool = True,
+                  mode: int = 0o600) -> None:
     """Write ``data`` to ``path`` so that after a crash it is either absent or complete.
 
     Write to a temporary name, fsync it, rename, fsync the directory: readers and
-    recovery never see a torn file under the final name. ``reuse`` may put an old file at the
-    temporary name (engine/filepool.py); it is then overwritten in place rather than created.
+    recovery never see a torn file under the final name (``fsync=False``: only a process crash).
     """
     tmp = path.with_name(f".{path.name}.tmp")
-    reused = reuse is not None and reuse(tmp)
-    fd = os.open(tmp, os.O_WRONLY if reused else os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if reused:
-            os.ftruncate(fd, len(data))
+        _write_all(fd, data)
         if fsync:
             os.fsync(fd)
     finally:
@@ -49,6 +43,39 @@ def write_durably(path: Path, data: bytes | bytearray | memoryview, *, fsync: bo
     os.replace(tmp, path)
     if fsync:
         fsync_dir(path.parent)
+
+
+def write_in_place(path: Path, data: bytes | bytearray | memoryview, *, mode: int = 0o600,
+                   reuse: Callable[[Path], bool] | None = None) -> None:
+    """Write ``data`` under its final name at once, neither synced nor atomic: only for files whose every
+    reader checks them whole (spool blobs: a start authenticates each one and replays a torn one from the
+    write-ahead log). A temporary name and a rename cost two more system calls per blob, and each call is
+    a GIL hand-over for the thread making it. ``reuse`` may put an old file at ``path`` (engine/filepool.py);
+    it is then overwritten in place rather than created."""
+    reused = reuse is not None and reuse(path)
+    fd = os.open(path, os.O_WRONLY) if reused else _create_new(path, mode)
+    try:
+        _write_all(fd, data)
+        if reused:
+            os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
+
+
+def _create_new(path: Path, mode: int) -> int:
+    """A new file at ``path``: a file already there may have other names (a blob hard-linked into the
+    local cache store), so it is unlinked rather than truncated and overwritten."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        path.unlink()
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def private_dir(path: Path) -> Path:

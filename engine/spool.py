@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.filepool import FilePool
-from engine.fsutil import fsync_dir, sync_data, write_durably
+from engine.fsutil import fsync_dir, sync_data, write_durably, write_in_place
 from protocol import LogBlobError
 from protocol.logblob import BLOB_SUFFIX, BlobHeader, KeyLookup, blob_name, open_blob
 
@@ -52,6 +52,7 @@ class Spool:
         self.used_bytes = 0  # owned by the event loop
         directory.mkdir(parents=True, exist_ok=True)
         self.pool = FilePool(pool_dir(directory))  # blob files to overwrite instead of creating new ones
+        self._directories: set[Path] = set()  # disk directories known to exist: no mkdir call per blob
 
     @property
     def full(self) -> bool:
@@ -62,7 +63,11 @@ class Spool:
 
     def make_directory(self, disk: str) -> None:
         """Blocking: the directory ``disk``'s blobs are written to (made by the first write otherwise)."""
-        self.path_of(blob_name(disk, 0, 0)).parent.mkdir(exist_ok=True)
+        self._make_directory(self.path_of(blob_name(disk, 0, 0)).parent)
+
+    def _make_directory(self, directory: Path) -> None:
+        directory.mkdir(exist_ok=True)
+        self._directories.add(directory)
 
     def write(self, name: str, data: memoryview) -> Path:
         """Blocking: put one sealed blob in the spool (called from a spool worker thread).
@@ -70,10 +75,17 @@ class Spool:
         Not fsynced (the log holds its records): two flushes of the disk per blob were what bounded
         ingest at 1000 disks, whose blobs are small and many. A local cache store makes a blob's data
         durable before it links it (LocalStore.put_files); a remote one holds a copy once it acknowledges.
+        Written under its final name, not renamed into place: :meth:`recover` authenticates every blob
+        whole and checks its name against its header, so a torn one is never taken for a blob.
         """
         path = self.path_of(name)
-        path.parent.mkdir(exist_ok=True)
-        write_durably(path, data, fsync=False, mode=0o600, reuse=self.pool.take)
+        if path.parent not in self._directories:
+            self._make_directory(path.parent)
+        try:
+            write_in_place(path, data, mode=0o600, reuse=self.pool.take)
+        except FileNotFoundError:  # the directory was removed since: make it again, once
+            self._make_directory(path.parent)
+            write_in_place(path, data, mode=0o600, reuse=self.pool.take)
         return path
 
     def discard(self, paths: list[Path]) -> None:

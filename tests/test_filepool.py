@@ -12,7 +12,7 @@ import pytest
 from support import make_config, running_pipeline
 
 from engine.filepool import RESCAN_INTERVAL_S, FilePool
-from engine.fsutil import write_durably
+from engine.fsutil import write_in_place
 from engine.server import open_store
 from engine.spool import Spool, pool_dir
 from engine.store import LocalStore
@@ -29,7 +29,7 @@ def test_a_given_file_is_overwritten_in_place_by_the_next_write(tmp_path: Path) 
     assert not used.exists()
 
     target = tmp_path / "new.blob"
-    write_durably(target, b"fresh", reuse=pool.take)
+    write_in_place(target, b"fresh", reuse=pool.take)
     assert target.stat().st_ino == inode, "the pooled inode was reused, not a new one created"
     assert target.read_bytes() == b"fresh", "cut to the new length: nothing of the old content remains"
     assert list((tmp_path / "pool").iterdir()) == []
@@ -38,7 +38,7 @@ def test_a_given_file_is_overwritten_in_place_by_the_next_write(tmp_path: Path) 
 def test_with_an_empty_pool_the_write_creates_the_file(tmp_path: Path) -> None:
     pool = FilePool(tmp_path / "pool")
     target = tmp_path / "new.blob"
-    write_durably(target, b"data", reuse=pool.take)
+    write_in_place(target, b"data", reuse=pool.take)
     assert target.read_bytes() == b"data"
     assert target.stat().st_mode & 0o777 == 0o600
 
@@ -162,6 +162,26 @@ def test_storing_a_blob_again_after_a_restart_leaves_no_temporary_name(tmp_path:
     os.link(source, leftover)  # what the same re-upload left behind before this was fixed
     asyncio.run(store.put_files([(name, source)]))  # the restart uploads the spooled blob again
     assert sorted(p.name for p in (tmp_path / "cache" / "d").iterdir()) == [name.split("/")[1]]
+
+
+def test_a_new_blob_never_overwrites_a_file_another_name_still_holds(tmp_path: Path) -> None:
+    """With no pooled file, a spool write creates anew: a file already under the name may be the cache
+    store's blob too (hard-linked), and truncating it would change the stored blob."""
+    spooled = tmp_path / "blob"
+    spooled.write_bytes(b"stored content")
+    stored = tmp_path / "stored"
+    os.link(spooled, stored)
+    write_in_place(spooled, b"new", reuse=FilePool(tmp_path / "pool").take)
+    assert spooled.read_bytes() == b"new"
+    assert stored.read_bytes() == b"stored content"
+
+
+def test_a_spool_directory_removed_under_the_spool_is_made_again(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 1 << 30)
+    name = blob_name("d", 1, 1)
+    spool.write(name, memoryview(b"first"))
+    shutil.rmtree(tmp_path / "spool" / "d")
+    assert spool.write(blob_name("d", 2, 2), memoryview(b"second")).read_bytes() == b"second"
 
 
 async def test_the_local_store_makes_a_disk_directory_but_never_its_missing_root(tmp_path: Path) -> None:
