@@ -467,7 +467,7 @@ class Probe:
                             self._watch_disk_dir(path)
                         except OSError:
                             pass
-                elif mask & _IN_MOVED_TO:
+                elif mask & (_IN_MOVED_TO | _IN_CREATE):  # hard-linked into place, or renamed (a copy)
                     self._blob(path)
 
     def _blob(self, path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import shutil
 import tempfile
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from support import make_config, running_pipeline
 
+import engine.store.local
 from engine.filepool import RESCAN_INTERVAL_S, FilePool
 from engine.fsutil import write_in_place
 from engine.server import open_store
@@ -152,16 +154,39 @@ def test_old_content_under_a_new_spool_name_is_not_a_blob_of_that_name(tmp_path:
     assert not path.exists()
 
 
-def test_storing_a_blob_again_after_a_restart_leaves_no_temporary_name(tmp_path: Path) -> None:
+def test_storing_a_blob_again_leaves_one_name_whether_the_same_file_or_another(tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "cache")
     source = tmp_path / "spool.blob"
     source.write_bytes(b"sealed")
     name = blob_name("d", 1, 2)
     asyncio.run(store.put_files([(name, source)]))
-    leftover = tmp_path / "cache" / "d" / f".{name.split('/')[1]}.tmp"
-    os.link(source, leftover)  # what the same re-upload left behind before this was fixed
-    asyncio.run(store.put_files([(name, source)]))  # the restart uploads the spooled blob again
+    stored = tmp_path / "cache" / name
+    assert os.path.samefile(stored, source), "linked, not copied"
+    asyncio.run(store.put_files([(name, source)]))  # a restart uploads the spooled blob again
+    copy = tmp_path / "copy.blob"
+    copy.write_bytes(b"sealed")
+    asyncio.run(store.put_files([(name, copy)]))  # another file under the same name (a copy from elsewhere)
+    assert os.path.samefile(stored, copy)
     assert sorted(p.name for p in (tmp_path / "cache" / "d").iterdir()) == [name.split("/")[1]]
+
+
+def test_a_store_on_another_file_system_copies_every_blob(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    links: list[Path] = []
+
+    def no_link_across(source: Path, target: Path) -> None:
+        links.append(Path(target))
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(engine.store.local.os, "link", no_link_across)
+    store = LocalStore(tmp_path / "cache")
+    for first in (1, 3):
+        source = tmp_path / f"spool-{first}.blob"
+        source.write_bytes(b"sealed %d" % first)
+        asyncio.run(store.put_files([(blob_name("d", first, first + 1), source)]))
+        assert (tmp_path / "cache" / blob_name("d", first, first + 1)).read_bytes() == b"sealed %d" % first
+    assert len(links) == 1, "after the first refusal the store copies without trying to link again"
+    assert sorted(p.name for p in (tmp_path / "cache" / "d").iterdir()) == [
+        blob_name("d", 1, 2).split("/")[1], blob_name("d", 3, 4).split("/")[1]]
 
 
 def test_a_new_blob_never_overwrites_a_file_another_name_still_holds(tmp_path: Path) -> None:
