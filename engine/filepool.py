@@ -80,8 +80,13 @@ class FilePool:
             try:
                 os.rename(self.directory / name, target)
                 return True
-            except FileNotFoundError:  # another process took it
-                continue
+            except FileNotFoundError:
+                if target.parent.is_dir():  # another process took it
+                    continue
+                with self._lock:  # the target's directory is missing: the file is still ours to give out
+                    self._names.appendleft(name)
+                    self._count += 1
+                raise
 
     def _rescan(self) -> None:
         with os.scandir(self.directory) as entries:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from support import make_config, running_pipeline
 
+import engine.fsutil
 import engine.store.local
 from engine.filepool import RESCAN_INTERVAL_S, FilePool
 from engine.fsutil import write_in_place
@@ -223,4 +224,56 @@ async def test_the_local_store_makes_a_disk_directory_but_never_its_missing_root
     shutil.rmtree(tmp_path / "cache")
     with pytest.raises(FileNotFoundError):
         await store.make_directory("d")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_missing_target_directory_is_reported_and_the_pooled_file_kept(tmp_path: Path) -> None:
+    pool = FilePool(tmp_path / "pool")
+    for i in range(3):
+        used = tmp_path / f"used-{i}"
+        used.write_bytes(b"x")
+        pool.give(used)
+    with pytest.raises(FileNotFoundError):
+        pool.take(tmp_path / "missing" / "blob")
+    assert len(list((tmp_path / "pool").iterdir())) == 3
+    assert pool.take(tmp_path / "blob"), "the names were not used up by the failed take"
+
+
+def test_a_spool_write_into_a_removed_directory_still_reuses_a_pooled_file(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 1 << 30)
+    pooled = set()
+    for i in range(2):
+        used = tmp_path / f"used-{i}"
+        used.write_bytes(b"old")
+        pooled.add(used.stat().st_ino)
+        spool.pool.give(used)
+    first = spool.write(blob_name("d", 1, 1), memoryview(b"first")).stat().st_ino
+    shutil.rmtree(tmp_path / "spool" / "d")
+    path = spool.write(blob_name("d", 2, 2), memoryview(b"second"))
+    assert path.read_bytes() == b"second"
+    assert path.stat().st_ino in pooled - {first}, "the second pooled file, not a new one"
+
+
+def test_the_local_store_syncs_a_blob_before_it_has_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real_fdatasync, real_link = os.fdatasync, os.link
+    monkeypatch.setattr(engine.fsutil.os, "fdatasync", lambda fd: (calls.append("fdatasync"), real_fdatasync(fd))[1])
+    monkeypatch.setattr(engine.store.local.os, "link",
+                        lambda source, target: (calls.append("link"), real_link(source, target))[1])
+    source = tmp_path / "spool.blob"
+    source.write_bytes(b"sealed")
+    store = LocalStore(tmp_path / "cache")
+    asyncio.run(store.make_directory("d"))
+    asyncio.run(store.put_files([(blob_name("d", 1, 1), source)]))
+    assert calls == ["fdatasync", "link"]
+
+
+def test_uploads_fail_once_the_store_root_is_gone(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "cache")
+    source = tmp_path / "spool.blob"
+    source.write_bytes(b"sealed")
+    asyncio.run(store.put_files([(blob_name("d", 1, 1), source)]))
+    shutil.rmtree(tmp_path / "cache")
+    with pytest.raises(FileNotFoundError):
+        asyncio.run(store.put_files([(blob_name("e", 1, 1), source)]))
     assert not (tmp_path / "cache").exists()
