@@ -12,14 +12,13 @@ the last applied blob.
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 
-from bench.phases import Display, PhaseSpec, run_phase
+from bench.phases import Display, PhaseSpec, release_space, run_phase
 from bench.serverproc import BenchServer, Probe
 
 MB = 1e6
@@ -90,7 +89,7 @@ def run_drain(base: PhaseSpec, workdir: Path, console: Console | None = None, ti
                    "applied_mb": [s.applied_bytes / MB for s in probe.samples]},
     })
     if not base.keep_data:
-        shutil.rmtree(data_dir, ignore_errors=True)
+        release_space(data_dir)
     return result
 
 

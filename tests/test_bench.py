@@ -14,7 +14,7 @@ from pathlib import Path
 from bench.ceiling import measure_ceiling
 from bench.compare import compare
 from bench.loadgen import disk_seeds, plan_agents
-from bench.phases import PhaseSpec, run_phase
+from bench.phases import PhaseSpec, release_space, run_phase
 from bench.profiles import parse_profile, sample_batches
 from bench.report import markdown
 from bench.serverproc import AgentCreds
@@ -100,3 +100,16 @@ def test_histogram_and_seqlog() -> None:
     assert log.bytes_through(0) == 0 and log.bytes_through(3) == 3 * 4096 and log.bytes_through(99) == 5 * 4096
     assert log.lag(12.5, done_seq=1) == 1.5  # the oldest write not done is seq 2, meant for t=11.0
     assert log.lag(12.5, done_seq=5) == 0.0
+
+
+def test_a_finished_phase_gives_its_space_back_without_freeing_inodes(tmp_path: Path) -> None:
+    """Deleting thousands of files would make the next phase's file creations scan past them."""
+    data = tmp_path / "data"
+    (data / "cache" / "d").mkdir(parents=True)
+    files = [data / "d.img", data / "cache" / "d" / "blob"]
+    for path in files:
+        path.write_bytes(b"x" * 100_000)
+    inodes = [path.stat().st_ino for path in files]
+    release_space(data)
+    assert [path.stat().st_size for path in files] == [0, 0]
+    assert [path.stat().st_ino for path in files] == inodes
