@@ -45,58 +45,6 @@ def write_durably(path: Path, data: bytes | bytearray | memoryview, *, fsync: bo
         fsync_dir(path.parent)
 
 
-def rewrite_durably(path: Path, data: bytes | bytearray | memoryview, *, fsync: bool = True,
-                    mode: int = 0o600) -> None:
-    """:func:`write_durably` for a file rewritten many times a second (the applier's state, once per
-    apply group and disk): two spare names take turns keeping the previous version's inode, the next
-    save overwrites that one in place and renames it over the file, so a save neither allocates nor
-    frees an inode. On ext4 without a journal every allocation scans past the inodes freed in the last
-    minutes (docs/benchmarks.md), and a free per save per disk made every file creation dearer.
-
-    Crash-safe like write_durably: the new version is complete (and synced) before its rename, and a
-    spare that still names the current version (a crash between keeping it and the rename) is never
-    overwritten.
-    """
-    spares = (path.with_name(f".{path.name}.spare-a"), path.with_name(f".{path.name}.spare-b"))
-    fd, spare = _open_spare(spares, mode)
-    try:
-        view = memoryview(data)
-        offset = 0
-        while offset < len(view):
-            offset += os.pwrite(fd, view[offset:], offset)
-        os.ftruncate(fd, len(view))
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    keep = spares[1] if spare == spares[0] else spares[0]
-    try:
-        os.link(path, keep)  # the current version's inode, for the next save
-    except FileNotFoundError:
-        pass  # the first save
-    except FileExistsError:  # left by a crash before the rename: it names the current version or an older one
-        if not os.path.samefile(path, keep):
-            os.unlink(keep)
-            os.link(path, keep)
-    os.replace(spare, path)
-    if fsync:
-        fsync_dir(path.parent)
-
-
-def _open_spare(spares: tuple[Path, Path], mode: int) -> tuple[int, Path]:
-    """A spare to overwrite: one with no other name, else a new file."""
-    for spare in spares:
-        try:
-            fd = os.open(spare, os.O_WRONLY)
-        except FileNotFoundError:
-            continue
-        if os.fstat(fd).st_nlink == 1:
-            return fd, spare
-        os.close(fd)  # it also names the current version: left as it is
-    free = next((spare for spare in spares if not spare.exists()), spares[0])
-    return _create_new(free, mode), free
-
-
 def write_in_place(path: Path, data: bytes | bytearray | memoryview, *, mode: int = 0o600,
                    reuse: Callable[[Path], bool] | None = None) -> None:
     """Write ``data`` under its final name at once, neither synced nor atomic: only for files whose every

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.filepool import FilePool
-from engine.fsutil import fsync_dir, rewrite_durably, sync_data, write_in_place
+from engine.fsutil import fsync_dir, sync_data, write_durably, write_in_place
 from protocol import LogBlobError
 from protocol.logblob import BLOB_SUFFIX, BlobHeader, KeyLookup, blob_name, open_blob
 
@@ -160,4 +160,4 @@ class UploadWatermarks:
 
     def save(self, snapshot: dict[str, int]) -> None:
         """Blocking: persist ``snapshot`` (a copy taken on the event loop) atomically; run in a thread."""
-        rewrite_durably(self.path, json.dumps(snapshot, sort_keys=True).encode(), mode=0o644)
+        write_durably(self.path, json.dumps(snapshot, sort_keys=True).encode(), mode=0o644)

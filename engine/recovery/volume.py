@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
-from engine.fsutil import rewrite_durably, write_durably
+from engine.fsutil import write_durably
 
 Progress = Callable[[int, int], None]
 COPY_CHUNK = 4 * 1024 * 1024
@@ -105,7 +105,7 @@ class LocalVolume:
 
     async def save_state(self, state: SeedState) -> None:
         data = json.dumps(asdict(state)).encode()
-        await asyncio.to_thread(rewrite_durably, self.state_path, data, fsync=self.fsync, mode=0o644)
+        await asyncio.to_thread(write_durably, self.state_path, data, fsync=self.fsync, mode=0o644)
 
     async def ensure_size(self, size: int) -> None:
         if os.fstat(self._fd).st_size < size:
