@@ -197,6 +197,30 @@ async def test_cost_is_a_copy_plus_the_changes_since_the_point(tmp_path: Path) -
             assert (tmp_path / "p.img").read_bytes() == recorder.state_at(point.seq)
 
 
+async def test_a_failover_saves_the_disk_state_under_the_disk_lock(tmp_path: Path) -> None:
+    """The apply pass saves the same state file under that lock: two savers at once could tear it."""
+    data = tmp_path / "data"
+    config = make_config(data, policy={"crash_point_interval_ms": 0})
+    writes = random_writes(ContentPool(2 * MiB), SIZE, max_size=64 * 1024, seed=7)
+    async with ProcessServer(config) as server, agent_for(data, server.connect_info.port) as agent:
+        disk = await agent.open_disk("locked", SIZE)
+        await write_some(disk, Recorder(), writes, 3)
+        await agent.flush()
+        await server.drain()
+        d = server.applier.disks["locked"]
+        held: list[bool] = []
+        save_state = d.volume.save_state
+
+        async def recording(state: object) -> None:
+            held.append(d.lock.locked())
+            await save_state(state)
+
+        d.volume.save_state = recording  # type: ignore[method-assign]
+        await LocalRecovery(server.applier, server.config).failover("locked", "latest-processed",
+                                                                    tmp_path / "f.img", test=False)
+        assert held == [True]
+
+
 async def test_failover_does_not_pause_the_applier_and_repairs_a_torn_copy(tmp_path: Path) -> None:
     """The copy is slowed down while the agent keeps writing: groups are applied *during* the copy (the
     copy is torn) and the roll-back still yields exactly the chosen point."""

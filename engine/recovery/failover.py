@@ -66,8 +66,9 @@ async def failover(applier: Applier, disk: str, spec: str, out: Path, *, test: b
         if not d.pins[seq]:
             del d.pins[seq]
     if not test:
-        d.state.failover_seq = seq
-        await d.volume.save_state(d.state)
+        async with d.lock:  # an apply pass saves the same state file: two writers could tear it
+            d.state.failover_seq = seq
+            await d.volume.save_state(d.state)
     point = next((p for p in applier.points(disk) if p.seq == seq), None)
     return FailoverResult(disk, seq, point, out, size, test, len(newer))
 
