@@ -14,6 +14,7 @@ busy event loop in between.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import threading
@@ -55,6 +56,7 @@ class WriteAheadLog:
             fsync_dir(directory.parent)  # the log's own directory entry
         self.sealer = sealer
         self.fsync = fsync
+        self._synced_writes = fsync  # RWF_DSYNC, until a kernel or file system refuses it (Linux < 4.7)
         self.segment_bytes = segment_bytes
         self.closed_segments = 0  # segments closed so far: each one is a chance to release
         self._closed: list[Segment] = []
@@ -158,9 +160,17 @@ class WriteAheadLog:
         flags = 0
         written = 0
         for view in self.sealer.seal(number, pieces, self._nonces()):
-            flags = os.RWF_DSYNC if self.fsync and len(view) == total else 0
+            flags = os.RWF_DSYNC if self._synced_writes and len(view) == total else 0
             while view:
-                done = os.pwritev(fd, [view], offset + written, flags)
+                try:
+                    done = os.pwritev(fd, [view], offset + written, flags)
+                except OSError as exc:  # flags are checked before anything is written
+                    if not flags or exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    log.warning("write-ahead log: synced writes (RWF_DSYNC) refused here (%s); a write and an "
+                                "fdatasync per commit from now on", exc)
+                    self._synced_writes, flags = False, 0
+                    continue
                 view = view[done:]
                 written += done
         if self.fsync and not flags:

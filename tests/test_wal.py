@@ -188,6 +188,35 @@ def test_a_failed_append_cuts_its_segment_back_and_the_next_one_starts_a_new_seg
     assert [bytes(s.records) for s in replayed] == [b"".join(kept[1:]), b"".join(retried[1:])]
 
 
+def test_a_kernel_without_synced_writes_gets_a_write_and_an_fdatasync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[str] = []
+    real_pwritev, real_fdatasync = os.pwritev, os.fdatasync
+
+    def old_kernel_pwritev(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+        if flags:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        calls.append("pwritev")
+        return real_pwritev(fd, buffers, offset)
+
+    def fdatasync(fd: int) -> None:
+        calls.append("fdatasync")
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(engine.wal.os, "pwritev", old_kernel_pwritev)
+    monkeypatch.setattr(engine.wal.os, "fdatasync", fdatasync)
+    wal = WriteAheadLog(tmp_path / "wal", WalSealer(KEY))
+    chunks = [section([os.urandom(4096)]), section([os.urandom(5000)])]
+    with caplog.at_level(logging.WARNING, logger="engine.wal"):
+        for seq, pieces in enumerate(chunks, 1):
+            wal.append(pieces, {"d": seq})
+    assert calls == ["pwritev", "fdatasync"] * 2
+    assert caplog.text.count("RWF_DSYNC") == 1, "said once"
+    wal.close()
+    replayed = WriteAheadLog(tmp_path / "wal", WalSealer(KEY)).replay(keys, {})
+    assert [bytes(s.records) for s in replayed] == [b"".join(p[1:]) for p in chunks]
+
+
 def test_an_altered_chunk_ends_the_log_and_a_foreign_key_is_named() -> None:
     chunk = bytearray(sealed_chunk(1, [section_header("d", 4096, 1, 1, 1, 0)]))
     chunk[CHUNK_HEADER.size + 3] ^= 1
