@@ -247,6 +247,9 @@ class Pipeline:
         """Recover the spool and resume uploads of what the previous run left: its sealed blobs, then
         what its write-ahead log holds beyond them (acknowledged, never sealed)."""
         started = time.monotonic()
+        removed = await self.store.remove_temporaries()
+        if removed:
+            log.warning("cache store: removed %d temporary name(s) an earlier run left (a crash mid-copy)", removed)
         leftovers = await asyncio.to_thread(self.spool.recover, self._keys)
         if leftovers:  # each one is authenticated whole: with a full spool this is what a start waits for
             log.info("spool: %d blob(s), %.0f MB, checked in %.1f s", len(leftovers),

@@ -277,3 +277,21 @@ def test_uploads_fail_once_the_store_root_is_gone(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         asyncio.run(store.put_files([(blob_name("e", 1, 1), source)]))
     assert not (tmp_path / "cache").exists()
+
+
+async def test_a_start_removes_temporary_names_an_earlier_run_left_in_the_store(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A hard link under a temporary name would hold its blocks for good and keep the file out of the pool."""
+    config = make_config(tmp_path / "data")
+    disk_dir = config.store_dir / "d"
+    disk_dir.mkdir(parents=True)
+    spooled = tmp_path / "spooled"
+    spooled.write_bytes(b"blob")
+    leftover = disk_dir / f".{blob_name('d', 1, 1).split('/')[1]}.tmp"
+    os.link(spooled, leftover)
+    (disk_dir / blob_name("d", 2, 2).split("/")[1]).write_bytes(b"a stored blob stays")
+    async with running_pipeline(config):
+        assert not leftover.exists()
+        assert sorted(p.name for p in disk_dir.iterdir()) == [blob_name("d", 2, 2).split("/")[1]]
+    assert "removed 1 temporary name(s)" in caplog.text
+    assert spooled.stat().st_nlink == 1

@@ -70,6 +70,9 @@ class AzureBlobStore(AzureContainer):
     async def make_directory(self, disk: str) -> None:
         """Nothing: a container has no directories (names carry the disk)."""
 
+    async def remove_temporaries(self) -> int:
+        return 0  # a Put Blob is atomic: no temporary names
+
     async def put_file(self, name: str, path: Path) -> None:
         blob = self._blob(name)
         data = await asyncio.to_thread(path.read_bytes)

@@ -26,6 +26,10 @@ class CacheStore(Protocol):
         """Prepare whatever ``disk``'s blobs need before the first one arrives (nothing in a container
         store); ``put_file`` must work without it."""
 
+    async def remove_temporaries(self) -> int:
+        """At the uploader's start: remove what a crash in the middle of storing a blob left under a
+        temporary name (none in a container store); returns how many."""
+
     async def list_blobs(self) -> list[str]:
         """All log-blob names, sorted (per disk, by first sequence)."""
 

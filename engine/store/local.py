@@ -94,6 +94,25 @@ class LocalStore:
             sync_data(tmp)
         os.replace(tmp, target)
 
+    async def remove_temporaries(self) -> int:
+        return await asyncio.to_thread(self._remove_temporaries)
+
+    def _remove_temporaries(self) -> int:
+        """A ``.<blob>.tmp`` name is a hard link to a spool file (or a partial copy): left behind, it would
+        hold that file's blocks for good and keep it out of the pool (a file with two names is deleted,
+        not reused)."""
+        removed = 0
+        with os.scandir(self.root) as disks:
+            for disk in disks:
+                if not disk.is_dir():
+                    continue
+                with os.scandir(disk.path) as names:
+                    for entry in names:
+                        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                            os.unlink(entry.path)
+                            removed += 1
+        return removed
+
     async def list_blobs(self) -> list[str]:
         return await asyncio.to_thread(self._list)
 
