@@ -110,6 +110,33 @@ def section(bodies: list[bytes]) -> list[bytes | memoryview]:
             *(piece for pair in zip(records, bodies) for piece in pair)]
 
 
+def record_log_io(monkeypatch: pytest.MonkeyPatch, *, refuse_synced_writes: bool = False) -> list[str]:
+    """The log's pwritev and fdatasync calls, in order ("pwritev+dsync": a write synced in the same call);
+    with ``refuse_synced_writes`` the flag fails as on a kernel before 4.7 (nothing written)."""
+    calls: list[str] = []
+    real_pwritev, real_fdatasync = os.pwritev, os.fdatasync
+
+    def pwritev(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+        if flags and refuse_synced_writes:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        calls.append("pwritev+dsync" if flags & os.RWF_DSYNC else "pwritev")
+        return real_pwritev(fd, buffers, offset, flags)
+
+    def fdatasync(fd: int) -> None:
+        calls.append("fdatasync")
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(engine.wal.os, "pwritev", pwritev)
+    monkeypatch.setattr(engine.wal.os, "fdatasync", fdatasync)
+    return calls
+
+
+def assert_replays(directory: Path, appended: list[list[bytes | memoryview]]) -> None:
+    """A new log over ``directory`` replays exactly the records of the ``appended`` sections, in order."""
+    replayed = WriteAheadLog(directory, WalSealer(KEY)).replay(keys, {})
+    assert [bytes(s.records) for s in replayed] == [b"".join(pieces[1:]) for pieces in appended]
+
+
 def test_a_chunk_larger_than_the_stream_buffer_reads_back() -> None:
     """Pieces that straddle the sealer's buffer, one larger than it, and a buffer filled exactly."""
     straddling = section([os.urandom(700 * 1024), os.urandom(STREAM_BUFFER * 5 // 2), os.urandom(1000)])
@@ -131,19 +158,7 @@ def test_a_chunk_up_to_the_stream_buffer_is_one_view_header_included() -> None:
 
 def test_a_small_commit_is_one_synced_write_and_a_large_one_ends_with_an_fdatasync(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[str] = []
-    real_pwritev, real_fdatasync = os.pwritev, os.fdatasync
-
-    def pwritev(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
-        calls.append("pwritev+dsync" if flags & os.RWF_DSYNC else "pwritev")
-        return real_pwritev(fd, buffers, offset, flags)
-
-    def fdatasync(fd: int) -> None:
-        calls.append("fdatasync")
-        real_fdatasync(fd)
-
-    monkeypatch.setattr(engine.wal.os, "pwritev", pwritev)
-    monkeypatch.setattr(engine.wal.os, "fdatasync", fdatasync)
+    calls = record_log_io(monkeypatch)
     wal = WriteAheadLog(tmp_path / "wal", WalSealer(KEY))
     small, large = section([os.urandom(64 * 1024)]), section([os.urandom(STREAM_BUFFER * 2)])
     wal.append(small, {"d": 1})
@@ -152,8 +167,7 @@ def test_a_small_commit_is_one_synced_write_and_a_large_one_ends_with_an_fdatasy
     wal.append(large, {"d": 1})
     assert calls == ["pwritev"] * 3 + ["fdatasync"]
     wal.close()
-    replayed = WriteAheadLog(tmp_path / "wal", WalSealer(KEY)).replay(keys, {})
-    assert [bytes(s.records) for s in replayed] == [b"".join(small[1:]), b"".join(large[1:])]
+    assert_replays(tmp_path / "wal", [small, large])
 
 
 @pytest.mark.parametrize("failing", ["pwritev", "fdatasync"])
@@ -184,27 +198,12 @@ def test_a_failed_append_cuts_its_segment_back_and_the_next_one_starts_a_new_seg
     wal.append(retried, {"d": 2})
     wal.close()
     assert len(list((tmp_path / "wal").glob("*.wal"))) == 2
-    replayed = WriteAheadLog(tmp_path / "wal", WalSealer(KEY)).replay(keys, {})
-    assert [bytes(s.records) for s in replayed] == [b"".join(kept[1:]), b"".join(retried[1:])]
+    assert_replays(tmp_path / "wal", [kept, retried])
 
 
 def test_a_kernel_without_synced_writes_gets_a_write_and_an_fdatasync(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    calls: list[str] = []
-    real_pwritev, real_fdatasync = os.pwritev, os.fdatasync
-
-    def old_kernel_pwritev(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
-        if flags:
-            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
-        calls.append("pwritev")
-        return real_pwritev(fd, buffers, offset)
-
-    def fdatasync(fd: int) -> None:
-        calls.append("fdatasync")
-        real_fdatasync(fd)
-
-    monkeypatch.setattr(engine.wal.os, "pwritev", old_kernel_pwritev)
-    monkeypatch.setattr(engine.wal.os, "fdatasync", fdatasync)
+    calls = record_log_io(monkeypatch, refuse_synced_writes=True)
     wal = WriteAheadLog(tmp_path / "wal", WalSealer(KEY))
     chunks = [section([os.urandom(4096)]), section([os.urandom(5000)])]
     with caplog.at_level(logging.WARNING, logger="engine.wal"):
@@ -213,8 +212,7 @@ def test_a_kernel_without_synced_writes_gets_a_write_and_an_fdatasync(
     assert calls == ["pwritev", "fdatasync"] * 2
     assert caplog.text.count("RWF_DSYNC") == 1, "said once"
     wal.close()
-    replayed = WriteAheadLog(tmp_path / "wal", WalSealer(KEY)).replay(keys, {})
-    assert [bytes(s.records) for s in replayed] == [b"".join(p[1:]) for p in chunks]
+    assert_replays(tmp_path / "wal", chunks)
 
 
 def test_an_altered_chunk_ends_the_log_and_a_foreign_key_is_named() -> None:
