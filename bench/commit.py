@@ -34,10 +34,10 @@ def _commit_latencies(directory: Path, pieces: list[bytes], commits: int, *, bus
         while not stop.is_set():
             sum(range(1000))
 
-    spinner = threading.Thread(target=keep_running_python, daemon=True)
-    if busy:
+    spinner = threading.Thread(target=keep_running_python, daemon=True) if busy else None
+    if spinner is not None:
         spinner.start()
-        time.sleep(0.05)
+        time.sleep(0.05)  # running before the first commit
     latencies = []
     try:
         for seq in range(1, commits + 1):
@@ -46,7 +46,7 @@ def _commit_latencies(directory: Path, pieces: list[bytes], commits: int, *, bus
             latencies.append(time.perf_counter() - started)
     finally:
         stop.set()
-        if busy:
+        if spinner is not None:
             spinner.join()
         wal.close()
     return sorted(latencies)

@@ -113,3 +113,13 @@ def test_a_finished_phase_gives_its_space_back_without_freeing_inodes(tmp_path: 
     release_space(data)
     assert [path.stat().st_size for path in files] == [0, 0]
     assert [path.stat().st_ino for path in files] == inodes
+
+
+def test_the_commit_bench_reports_both_latencies(tmp_path: Path) -> None:
+    from bench.commit import measure_commit
+
+    result = measure_commit(1, 4096, 5, tmp_path)
+    for label in ("alone", "beside_busy_thread"):
+        assert 0 < result[label]["p50_ms"] <= result[label]["p99_ms"]
+    assert result["switch_intervals_per_commit"] == result["beside_busy_thread"]["p50_ms"] / result["switch_interval_ms"]
+    assert list(tmp_path.iterdir()) == [], "the log went with its temporary directory"
