@@ -101,7 +101,9 @@ class SpoolConfig(_Section):
 
 
 class UploadConfig(_Section):
-    concurrency: int = Field(4, ge=1, le=256, description="Blobs uploaded to the cache store at the same time.")
+    concurrency: int = Field(4, ge=1, le=256, description="Upload rounds in flight at once; a round takes what "
+                                                          "has queued, up to 64 blobs (512 for the local store, "
+                                                          "which syncs a round side by side).")
     retry_initial_ms: float = Field(100.0, gt=0, description="First retry delay after a failed upload (ms).")
     retry_max_ms: float = Field(30_000.0, gt=0, description="Cap of the exponential retry delay (ms); "
                                                            "uploads are retried until they succeed.")

@@ -52,7 +52,10 @@ from protocol.wal import WalSealer, WalSection
 log = logging.getLogger(__name__)
 
 
-UPLOAD_GROUP = 64  # blobs one upload worker takes from the queue at once
+UPLOAD_GROUP = 64  # blobs one upload worker takes from the queue at once, uploaded concurrently
+# ... into a store that stores a group in one call (the local store: its syncs run side by side, and at
+# 1000 disks 64 blobs a round kept it at 76-79 MB/s of the 175-185 acknowledged, 512 kept up)
+GROUPED_UPLOAD_GROUP = 512
 SPOOL_IO_THREADS = 16  # spool writes in flight at once
 WATERMARK_SAVE_INTERVAL_S = 0.1  # upload watermarks are saved at most this often
 
@@ -240,6 +243,7 @@ class Pipeline:
         self._max_inflight = int(config.pipeline.max_inflight_bytes)
         self._max_batch = int(config.batch.max_bytes)
         self._linger = config.batch.linger_ms / 1000
+        self._upload_group = GROUPED_UPLOAD_GROUP if hasattr(store, "put_files") else UPLOAD_GROUP
 
     # ------------------------------------------------------------ lifecycle
 
@@ -580,7 +584,7 @@ class Pipeline:
         directory fsync), one watermark save and one spool clean-up for the whole group."""
         while True:
             group = [await self._upload_queue.get()]
-            while len(group) < UPLOAD_GROUP and not self._upload_queue.empty():
+            while len(group) < self._upload_group and not self._upload_queue.empty():
                 group.append(self._upload_queue.get_nowait())
             await self._upload_with_retry(group)
             for batch in group:

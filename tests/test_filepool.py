@@ -7,6 +7,7 @@ import errno
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -254,18 +255,39 @@ def test_a_spool_write_into_a_removed_directory_still_reuses_a_pooled_file(tmp_p
     assert path.stat().st_ino in pooled - {first}, "the second pooled file, not a new one"
 
 
-def test_the_local_store_syncs_a_blob_before_it_has_its_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_local_store_syncs_a_group_side_by_side_and_names_only_synced_blobs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The syncs of a group run at once (the block layer folds concurrent flushes into one): all three blobs'
+    data syncs must be in flight together, and then the three directories' syncs. Every name comes after
+    every data sync, every directory sync after every name."""
     calls: list[str] = []
-    real_fdatasync, real_link = os.fdatasync, os.link
-    monkeypatch.setattr(engine.fsutil.os, "fdatasync", lambda fd: (calls.append("fdatasync"), real_fdatasync(fd))[1])
+    data_syncs, directory_syncs = threading.Barrier(3, timeout=10), threading.Barrier(3, timeout=10)
+    real_fdatasync, real_fsync, real_link = os.fdatasync, os.fsync, os.link
+
+    def fdatasync(fd: int) -> None:
+        calls.append("fdatasync")
+        data_syncs.wait()  # broken (an error) unless three syncs wait here at the same time
+        real_fdatasync(fd)
+
+    def fsync(fd: int) -> None:
+        calls.append("fsync")
+        directory_syncs.wait()
+        real_fsync(fd)
+
+    monkeypatch.setattr(engine.fsutil.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(engine.fsutil.os, "fsync", fsync)
     monkeypatch.setattr(engine.store.local.os, "link",
                         lambda source, target: (calls.append("link"), real_link(source, target))[1])
-    source = tmp_path / "spool.blob"
-    source.write_bytes(b"sealed")
     store = LocalStore(tmp_path / "cache")
-    asyncio.run(store.make_directory("d"))
-    asyncio.run(store.put_files([(blob_name("d", 1, 1), source)]))
-    assert calls == ["fdatasync", "link"]
+    items = []
+    for disk in ("d1", "d2", "d3"):
+        source = tmp_path / f"{disk}.blob"
+        source.write_bytes(b"sealed")
+        asyncio.run(store.make_directory(disk))
+        items.append((blob_name(disk, 1, 1), source))
+    asyncio.run(store.put_files(items))
+    assert calls == ["fdatasync"] * 3 + ["link"] * 3 + ["fsync"] * 3
+    assert all(os.path.samefile(tmp_path / "cache" / name, source) for name, source in items)
 
 
 def test_uploads_fail_once_the_store_root_is_gone(tmp_path: Path) -> None:

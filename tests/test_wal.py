@@ -403,6 +403,39 @@ class StoreDown(LocalStore):
         raise StoreError("cache store unreachable")
 
 
+class HeldStore(LocalStore):
+    """Holds its first group until released, and records the size of every group it is given."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.groups: list[int] = []
+        self.release = asyncio.Event()
+
+    async def put_files(self, items: list[tuple[str, Path]]) -> None:
+        self.groups.append(len(items))
+        await self.release.wait()
+        await super().put_files(items)
+
+
+async def test_a_store_that_takes_groups_gets_everything_queued_in_one_round(tmp_path: Path) -> None:
+    """At 1000 disks blobs are small and many: the local store syncs a group side by side, so a round of a
+    few dozen blobs per upload worker kept it at a third of the ingest."""
+    config = make_config(tmp_path / "data", batch={"linger_ms": 1}, upload={"concurrency": 1})
+    disks = 300
+    store = HeldStore(config.store_dir)
+    async with running_pipeline(config, key=KEY, store=store) as pipeline:
+        streams = [pipeline.stream(DiskInfo(f"d{i}", "agent-1", 1 << 20, 4096)) for i in range(disks)]
+        for stream in streams:
+            pipeline.accept_write(stream, Write.make(1, 1, 0, b"x" * 4096, 1))
+        await wait_for(lambda: store.groups and store.groups[0] + pipeline._upload_queue.qsize() == disks,
+                       "every blob but the held round queued")
+        assert disks - store.groups[0] > engine.pipeline.UPLOAD_GROUP
+        store.release.set()
+        await wait_for(lambda: all(stream.uploaded_seq == 1 for stream in streams), "every blob stored")
+        assert len(store.groups) == 2, f"rounds of {store.groups} blobs"
+        assert len(await store.list_blobs()) == disks
+
+
 async def test_a_spool_blob_torn_by_a_crash_is_replayed_from_the_log(tmp_path: Path) -> None:
     """Spool blobs are not fsynced; what a power loss does to one is what this damage does, and the log
     still holds its records because nothing of it reached the store."""
