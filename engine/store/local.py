@@ -6,6 +6,7 @@ import asyncio
 import errno
 import os
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,12 +14,12 @@ import aiofiles
 import aiofiles.os
 
 from engine.filepool import FilePool
-from engine.fsutil import fsync_dir, sync_data
+from engine.fsutil import fsync_dir, sync_data, sync_file_system
 from protocol.frames import disk_id_problem
 from protocol.logblob import BLOB_SUFFIX, blob_name, parse_blob_name
 
 
-SYNC_THREADS = 16  # blob and directory syncs of one upload group in flight at once
+SYNC_THREADS = 16  # without syncfs: blob and directory syncs of one upload round in flight at once
 
 
 class LocalStore:
@@ -49,17 +50,26 @@ class LocalStore:
         await asyncio.to_thread(self._put_files, [(self._path(name), path) for name, path in items])
 
     def _put_files(self, items: list[tuple[Path, Path]]) -> None:
-        """Every blob's data synced, then every name linked, then every directory synced. The syncs of a
-        stage run side by side: the block layer folds concurrent flushes into one, so a group of hundreds
-        of blobs in hundreds of directories (1000 disks) costs a few flushes of the disk instead of two
-        per blob, one after the other, which kept the store at a third of what 1000 agents sent
-        (docs/benchmarks.md)."""
+        """Every blob's data durable, then every name linked, then every name durable: a stored name never
+        means data a power loss could take back (the applier would stop the disk on it).
+
+        At 1000 disks a round is hundreds of small blobs in as many directories. Synced one file and one
+        directory at a time, the store kept a third of what the agents sent; synced side by side in a
+        pool it kept up, but the thread hand-overs (a GIL transfer and a futex each) cost a quarter of the
+        server's CPU. ``syncfs`` does each stage in one call (docs/benchmarks.md); the pool remains where
+        the system lacks it."""
         if self.fsync and not self._copy:  # a copy is synced under its temporary name instead
-            list(self._syncs.map(sync_data, {source for _, source in items}))
+            self._sync_stage(sync_data, [source for _, source in items])
         for target, source in items:
             self._link(target, source)
         if self.fsync:
-            list(self._syncs.map(fsync_dir, {target.parent for target, _ in items}))
+            self._sync_stage(fsync_dir, [target.parent for target, _ in items])
+
+    def _sync_stage(self, sync_one: Callable[[Path], None], paths: list[Path]) -> None:
+        """The whole file system in one call (in link mode the blobs are on it too), else every path side
+        by side: the block layer folds concurrent flushes into one."""
+        if not sync_file_system(self.root):
+            list(self._syncs.map(sync_one, set(paths)))
 
     def _link(self, target: Path, source: Path) -> None:
         """Give ``source`` (its data already synced: the spool does not sync its blobs, and a new name may
