@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,40 +14,6 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _syncfs_call() -> Callable[[int], int] | None:
-    """libc's syncfs(2), where it reports write-back errors: Linux 5.8 and later (before, it returned 0 even
-    when data never reached the disk, which would let a caller believe it durable)."""
-    if sys.platform != "linux":
-        return None
-    try:
-        major, minor = (int(part) for part in os.uname().release.split(".")[:2])
-        call = ctypes.CDLL(None, use_errno=True).syncfs  # ctypes releases the GIL for the call
-    except (ValueError, OSError, AttributeError):
-        return None
-    if (major, minor) < (5, 8):
-        return None
-    call.argtypes, call.restype = [ctypes.c_int], ctypes.c_int
-    return call
-
-
-_SYNCFS = _syncfs_call()
-
-
-def sync_file_system(path: Path) -> bool:
-    """Make everything written to ``path``'s file system durable, names and data, with one call and one
-    flush of the disk; False where the system has no such call (the caller syncs file by file instead)."""
-    if _SYNCFS is None:
-        return False
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if _SYNCFS(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"syncfs of the file system of {path}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
-    return True
 
 
 def sync_data(path: Path) -> None:

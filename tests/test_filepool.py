@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import os
 import shutil
@@ -21,6 +20,7 @@ from engine.fsutil import write_in_place
 from engine.server import open_store
 from engine.spool import Spool, pool_dir
 from engine.store import LocalStore
+from engine.syncfs import WholeFileSystemSync
 from protocol import Write
 from protocol.logblob import BlobHeader, Sealer, blob_name, write_record_header
 
@@ -266,39 +266,30 @@ def three_blobs_in_three_directories(tmp_path: Path, store: LocalStore) -> list[
     return items
 
 
-def test_the_local_store_makes_a_round_durable_in_two_calls_data_before_names(
+def test_a_large_round_is_made_durable_in_two_syncfs_calls_data_before_names(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One syncfs for every blob's data, then the names, then one syncfs for the names: a stored name never
     means data a power loss could take back, and a round of hundreds of blobs costs two calls."""
     calls: list[str] = []
-    real_sync, real_link = engine.store.local.sync_file_system, os.link
-    monkeypatch.setattr(engine.store.local, "sync_file_system",
-                        lambda path: (calls.append(f"syncfs {Path(path).name}"), real_sync(path))[1])
+    real_sync, real_link = WholeFileSystemSync.sync, os.link
+    monkeypatch.setattr(WholeFileSystemSync, "sync", lambda self: (calls.append("syncfs"), real_sync(self))[1])
+    monkeypatch.setattr(engine.fsutil.os, "fdatasync", lambda fd: calls.append("fdatasync"))
     monkeypatch.setattr(engine.store.local.os, "link",
                         lambda source, target: (calls.append("link"), real_link(source, target))[1])
     store = LocalStore(tmp_path / "cache")
     items = three_blobs_in_three_directories(tmp_path, store)
-    asyncio.run(store.put_files(items))
-    assert calls == ["syncfs cache", "link", "link", "link", "syncfs cache"]
+    asyncio.run(store.put_files(items[:2]))  # a small round: file by file, no flush of the whole file system
+    assert calls[:4] == ["fdatasync", "fdatasync", "link", "link"] and "syncfs" not in calls
+    calls.clear()
+    store.whole_file_system_from = 1
+    asyncio.run(store.put_files(items[2:]))
+    assert calls == ["syncfs", "link", "syncfs"]
     assert all(os.path.samefile(tmp_path / "cache" / name, source) for name, source in items)
 
 
-def test_syncfs_is_there_on_this_linux_and_its_failure_names_the_file_system(
+def test_a_small_round_is_synced_file_by_file_side_by_side(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert engine.fsutil.sync_file_system(tmp_path), "Linux 5.8 or later: syncfs reports write-back errors"
-
-    def failing(fd: int) -> int:
-        ctypes.set_errno(errno.EIO)
-        return -1
-
-    monkeypatch.setattr(engine.fsutil, "_SYNCFS", failing)
-    with pytest.raises(OSError, match=f"syncfs of the file system of {tmp_path}: Input/output error"):
-        engine.fsutil.sync_file_system(tmp_path)
-
-
-def test_without_syncfs_the_local_store_syncs_a_round_side_by_side(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fallback (no syncfs): the syncs of a stage run at once (the block layer folds concurrent flushes
+    """Below the syncfs threshold (and without syncfs): the syncs of a stage run at once (the block layer folds concurrent flushes
     into one): all three blobs' data syncs must be in flight together, and then the three directories'
     syncs. Every name comes after every data sync, every directory sync after every name."""
     calls: list[str] = []
@@ -315,12 +306,11 @@ def test_without_syncfs_the_local_store_syncs_a_round_side_by_side(
         directory_syncs.wait()
         real_fsync(fd)
 
-    monkeypatch.setattr(engine.store.local, "sync_file_system", lambda path: False)
     monkeypatch.setattr(engine.fsutil.os, "fdatasync", fdatasync)
     monkeypatch.setattr(engine.fsutil.os, "fsync", fsync)
     monkeypatch.setattr(engine.store.local.os, "link",
                         lambda source, target: (calls.append("link"), real_link(source, target))[1])
-    store = LocalStore(tmp_path / "cache")
+    store = LocalStore(tmp_path / "cache")  # a round of three: below the syncfs threshold
     items = three_blobs_in_three_directories(tmp_path, store)
     asyncio.run(store.put_files(items))
     assert calls == ["fdatasync"] * 3 + ["link"] * 3 + ["fsync"] * 3

@@ -14,12 +14,13 @@ import aiofiles
 import aiofiles.os
 
 from engine.filepool import FilePool
-from engine.fsutil import fsync_dir, sync_data, sync_file_system
+from engine.fsutil import fsync_dir, sync_data
+from engine.syncfs import WholeFileSystemSync
 from protocol.frames import disk_id_problem
 from protocol.logblob import BLOB_SUFFIX, blob_name, parse_blob_name
 
-
-SYNC_THREADS = 16  # without syncfs: blob and directory syncs of one upload round in flight at once
+SYNC_THREADS = 16  # blob and directory syncs of one upload round in flight at once (without syncfs)
+WHOLE_FILE_SYSTEM_FROM = 64  # blobs in an upload round from which it is synced with syncfs (engine/syncfs.py)
 
 
 class LocalStore:
@@ -31,6 +32,8 @@ class LocalStore:
         self._copy = False  # set once a hard link failed across file systems: every blob is copied then
         self._syncs = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="store-sync")  # threads start on use
         root.mkdir(parents=True, exist_ok=True)
+        self._file_system = WholeFileSystemSync(root)
+        self.whole_file_system_from = WHOLE_FILE_SYSTEM_FROM
 
     def _path(self, name: str) -> Path:
         parsed = parse_blob_name(name)
@@ -51,24 +54,23 @@ class LocalStore:
 
     def _put_files(self, items: list[tuple[Path, Path]]) -> None:
         """Every blob's data durable, then every name linked, then every name durable: a stored name never
-        means data a power loss could take back (the applier would stop the disk on it).
-
-        At 1000 disks a round is hundreds of small blobs in as many directories. Synced one file and one
-        directory at a time, the store kept a third of what the agents sent; synced side by side in a
-        pool it kept up, but the thread hand-overs (a GIL transfer and a futex each) cost a quarter of the
-        server's CPU. ``syncfs`` does each stage in one call (docs/benchmarks.md); the pool remains where
-        the system lacks it."""
+        means data a power loss could take back (the applier would stop the disk on it)."""
+        whole = (self.fsync and len(items) >= self.whole_file_system_from and self._file_system.available
+                 and all(self._file_system.covers(target.parent) for target, _ in items))
         if self.fsync and not self._copy:  # a copy is synced under its temporary name instead
-            self._sync_stage(sync_data, [source for _, source in items])
+            self._sync_stage(whole, sync_data, [source for _, source in items])
         for target, source in items:
             self._link(target, source)
         if self.fsync:
-            self._sync_stage(fsync_dir, [target.parent for target, _ in items])
+            self._sync_stage(whole, fsync_dir, [target.parent for target, _ in items])
 
-    def _sync_stage(self, sync_one: Callable[[Path], None], paths: list[Path]) -> None:
-        """The whole file system in one call (in link mode the blobs are on it too), else every path side
-        by side: the block layer folds concurrent flushes into one."""
-        if not sync_file_system(self.root):
+    def _sync_stage(self, whole: bool, sync_one: Callable[[Path], None], paths: list[Path]) -> None:
+        """A large round (1000 disks: hundreds of blobs in as many directories) in one syncfs: one file and
+        one directory at a time the store kept a third of what the agents sent, side by side in a pool it
+        kept up but the thread hand-overs took a quarter of the server's CPU (docs/benchmarks.md). A small
+        one file by file, side by side (the block layer folds concurrent flushes into one): a syncfs would
+        also flush what else was written to the file system (the seed disks), which the acks wait behind."""
+        if not (whole and self._file_system.sync()):
             list(self._syncs.map(sync_one, set(paths)))
 
     def _link(self, target: Path, source: Path) -> None:
@@ -160,3 +162,4 @@ class LocalStore:
 
     async def close(self) -> None:
         self._syncs.shutdown(wait=False)
+        self._file_system.close()
