@@ -20,7 +20,6 @@ from engine.fsutil import write_in_place
 from engine.server import open_store
 from engine.spool import Spool, pool_dir
 from engine.store import LocalStore
-from engine.syncfs import WholeFileSystemSync
 from protocol import Write
 from protocol.logblob import BlobHeader, Sealer, blob_name, write_record_header
 
@@ -256,42 +255,11 @@ def test_a_spool_write_into_a_removed_directory_still_reuses_a_pooled_file(tmp_p
     assert path.stat().st_ino in pooled - {first}, "the second pooled file, not a new one"
 
 
-def three_blobs_in_three_directories(tmp_path: Path, store: LocalStore) -> list[tuple[str, Path]]:
-    items = []
-    for disk in ("d1", "d2", "d3"):
-        source = tmp_path / f"{disk}.blob"
-        source.write_bytes(b"sealed")
-        asyncio.run(store.make_directory(disk))
-        items.append((blob_name(disk, 1, 1), source))
-    return items
-
-
-def test_a_large_round_is_made_durable_in_two_syncfs_calls_data_before_names(
+def test_the_local_store_syncs_a_group_side_by_side_and_names_only_synced_blobs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One syncfs for every blob's data, then the names, then one syncfs for the names: a stored name never
-    means data a power loss could take back, and a round of hundreds of blobs costs two calls."""
-    calls: list[str] = []
-    real_sync, real_link = WholeFileSystemSync.sync, os.link
-    monkeypatch.setattr(WholeFileSystemSync, "sync", lambda self: (calls.append("syncfs"), real_sync(self))[1])
-    monkeypatch.setattr(engine.fsutil.os, "fdatasync", lambda fd: calls.append("fdatasync"))
-    monkeypatch.setattr(engine.store.local.os, "link",
-                        lambda source, target: (calls.append("link"), real_link(source, target))[1])
-    store = LocalStore(tmp_path / "cache")
-    items = three_blobs_in_three_directories(tmp_path, store)
-    asyncio.run(store.put_files(items[:2]))  # a small round: file by file, no flush of the whole file system
-    assert calls[:4] == ["fdatasync", "fdatasync", "link", "link"] and "syncfs" not in calls
-    calls.clear()
-    store.whole_file_system_from = 1
-    asyncio.run(store.put_files(items[2:]))
-    assert calls == ["syncfs", "link", "syncfs"]
-    assert all(os.path.samefile(tmp_path / "cache" / name, source) for name, source in items)
-
-
-def test_a_small_round_is_synced_file_by_file_side_by_side(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Below the syncfs threshold (and without syncfs): the syncs of a stage run at once (the block layer folds concurrent flushes
-    into one): all three blobs' data syncs must be in flight together, and then the three directories'
-    syncs. Every name comes after every data sync, every directory sync after every name."""
+    """The syncs of a group run at once (the block layer folds concurrent flushes into one): all three blobs'
+    data syncs must be in flight together, and then the three directories' syncs. Every name comes after
+    every data sync, every directory sync after every name."""
     calls: list[str] = []
     data_syncs, directory_syncs = threading.Barrier(3, timeout=10), threading.Barrier(3, timeout=10)
     real_fdatasync, real_fsync, real_link = os.fdatasync, os.fsync, os.link
@@ -310,8 +278,13 @@ def test_a_small_round_is_synced_file_by_file_side_by_side(
     monkeypatch.setattr(engine.fsutil.os, "fsync", fsync)
     monkeypatch.setattr(engine.store.local.os, "link",
                         lambda source, target: (calls.append("link"), real_link(source, target))[1])
-    store = LocalStore(tmp_path / "cache")  # a round of three: below the syncfs threshold
-    items = three_blobs_in_three_directories(tmp_path, store)
+    store = LocalStore(tmp_path / "cache")
+    items = []
+    for disk in ("d1", "d2", "d3"):
+        source = tmp_path / f"{disk}.blob"
+        source.write_bytes(b"sealed")
+        asyncio.run(store.make_directory(disk))
+        items.append((blob_name(disk, 1, 1), source))
     asyncio.run(store.put_files(items))
     assert calls == ["fdatasync"] * 3 + ["link"] * 3 + ["fsync"] * 3
     assert all(os.path.samefile(tmp_path / "cache" / name, source) for name, source in items)

@@ -6,7 +6,6 @@ import asyncio
 import errno
 import os
 import shutil
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,12 +14,11 @@ import aiofiles.os
 
 from engine.filepool import FilePool
 from engine.fsutil import fsync_dir, sync_data
-from engine.syncfs import WholeFileSystemSync
 from protocol.frames import disk_id_problem
 from protocol.logblob import BLOB_SUFFIX, blob_name, parse_blob_name
 
-SYNC_THREADS = 16  # blob and directory syncs of one upload round in flight at once (without syncfs)
-WHOLE_FILE_SYSTEM_FROM = 64  # blobs in an upload round from which it is synced with syncfs (engine/syncfs.py)
+
+SYNC_THREADS = 16  # blob and directory syncs of one upload group in flight at once
 
 
 class LocalStore:
@@ -32,8 +30,6 @@ class LocalStore:
         self._copy = False  # set once a hard link failed across file systems: every blob is copied then
         self._syncs = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="store-sync")  # threads start on use
         root.mkdir(parents=True, exist_ok=True)
-        self._file_system = WholeFileSystemSync(root)
-        self.whole_file_system_from = WHOLE_FILE_SYSTEM_FROM
 
     def _path(self, name: str) -> Path:
         parsed = parse_blob_name(name)
@@ -53,25 +49,17 @@ class LocalStore:
         await asyncio.to_thread(self._put_files, [(self._path(name), path) for name, path in items])
 
     def _put_files(self, items: list[tuple[Path, Path]]) -> None:
-        """Every blob's data durable, then every name linked, then every name durable: a stored name never
-        means data a power loss could take back (the applier would stop the disk on it)."""
-        whole = (self.fsync and len(items) >= self.whole_file_system_from and self._file_system.available
-                 and all(self._file_system.covers(target.parent) for target, _ in items))
+        """Every blob's data synced, then every name linked, then every directory synced. The syncs of a
+        stage run side by side: the block layer folds concurrent flushes into one, so a group of hundreds
+        of blobs in hundreds of directories (1000 disks) costs a few flushes of the disk instead of two
+        per blob, one after the other, which kept the store at a third of what 1000 agents sent
+        (docs/benchmarks.md)."""
         if self.fsync and not self._copy:  # a copy is synced under its temporary name instead
-            self._sync_stage(whole, sync_data, [source for _, source in items])
+            list(self._syncs.map(sync_data, {source for _, source in items}))
         for target, source in items:
             self._link(target, source)
         if self.fsync:
-            self._sync_stage(whole, fsync_dir, [target.parent for target, _ in items])
-
-    def _sync_stage(self, whole: bool, sync_one: Callable[[Path], None], paths: list[Path]) -> None:
-        """A large round (1000 disks: hundreds of blobs in as many directories) in one syncfs: one file and
-        one directory at a time the store kept a third of what the agents sent, side by side in a pool it
-        kept up but the thread hand-overs took a quarter of the server's CPU (docs/benchmarks.md). A small
-        one file by file, side by side (the block layer folds concurrent flushes into one): a syncfs would
-        also flush what else was written to the file system (the seed disks), which the acks wait behind."""
-        if not (whole and self._file_system.sync()):
-            list(self._syncs.map(sync_one, set(paths)))
+            list(self._syncs.map(fsync_dir, {target.parent for target, _ in items}))
 
     def _link(self, target: Path, source: Path) -> None:
         """Give ``source`` (its data already synced: the spool does not sync its blobs, and a new name may
@@ -162,4 +150,3 @@ class LocalStore:
 
     async def close(self) -> None:
         self._syncs.shutdown(wait=False)
-        self._file_system.close()
