@@ -166,19 +166,21 @@ def markdown(result: dict, plots: dict[str, str] | None = None) -> str:
     scaling = result.get("scaling")
     if scaling:
         lines += [f"## Scaling (open loop, {scaling['offered_mbps']:.0f} MB/s offered in total)", "",
-                  "| agents | acked MB/s | carried | ack p50 / p99 ms | peak RSS MiB | server CPU s/GB | "
-                  "window/agent MiB | connect s | blob KiB |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  ("| agents | acked MB/s | stored MB/s | carried | ack p50 / p99 ms | peak RSS MiB | "
+                   "server CPU s/GB | window/agent MiB | connect s | blob KiB |"),
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for s in scaling["steps"]:
             if "error" in s:
-                lines.append(f"| {s['agents']} | failed: {s['error'][:200]} | | | | | | | |")
+                lines.append(f"| {s['agents']} | failed: {s['error'][:200]} | | | | | | | | |")
                 continue
-            lines.append(f"| {s['agents']} | {s['acked_mbps']:.1f} | {s['carried']:.0%} | "
+            lines.append(f"| {s['agents']} | {s['acked_mbps']:.1f} | {_f(s.get('stored_mbps'))} | "
+                         f"{s['carried']:.0%} | "
                          f"{s['latency']['p50_ms']:.1f} / {s['latency']['p99_ms']:.1f} | "
                          f"{_rss(s)} | {s['server_cpu_s_per_gb']:.2f} | "
                          f"{s['window_per_agent'] / MiB:.0f} | {s['connect_s']:.1f} | "
                          f"{s['blob_mean_bytes'] / 1024:.0f} |")
-        lines.append("")
+        lines += ["", ("Stored below acked means the spool absorbed the difference during the step: a longer run "
+                       "settles at the stored rate once the spool fills."), ""]
 
     profiled = [(name, p["server_profile"]) for name, p in phases if p.get("server_profile")]
     for step in (scaling or {}).get("steps", []):

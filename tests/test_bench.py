@@ -71,8 +71,13 @@ def test_bench_smoke(tmp_path: Path) -> None:
     result["targets"] = targets(result)
     assert result["ratios"]["engine_over_ceiling"] == r["acked_mbps"] / ceiling["mbps"]
     assert result["ratios"]["engine_over_borg"] is None  # no borg, no number
+    step = {"agents": 2, "acked_mbps": 10.0, "stored_mbps": 4.0, "carried": 1.0, "latency": r["latency"],
+            "server_peak_rss": r["server_peak_rss"], "server_cpu_s_per_gb": 1.0, "window_per_agent": MiB,
+            "connect_s": 0.1, "blob_mean_bytes": 1024}
+    result["scaling"] = {"offered_mbps": 10.0, "steps": [step]}
     text = markdown(json.loads(json.dumps(result, default=str)))
     assert "| max | closed |" in text and "borg**: no figure" in text
+    assert "| 2 | 10.0 | 4.0 | 100% |" in text, "a step shows what it stored beside what it acknowledged"
     rows = compare(result, result)
     assert rows and all(row["change"] in (0.0, None) for row in rows)
     faster = json.loads(json.dumps(result, default=str))
