@@ -19,6 +19,7 @@ import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Self
 
 from protocol import (
     PROTOCOL_VERSION,
@@ -226,7 +227,7 @@ class Agent:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    async def __aenter__(self) -> Agent:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 

@@ -15,6 +15,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from engine.applier import Applier
 from engine.applier_process import ApplierProcess
@@ -229,7 +230,7 @@ class ProcessServer:
         if self.store is not None:
             await self.store.close()
 
-    async def __aenter__(self) -> ProcessServer:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 

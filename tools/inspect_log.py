@@ -28,8 +28,8 @@ def describe_blob(data: bytes, keys: KeyRing | None, *, name: str | None = None,
         f"sequences       {header.first_seq}..{header.last_seq} ({header.record_count} records)",
         f"disk size       {header.disk_size}",
         f"codec / cipher  {header.codec.name} / AES-256-GCM, key id {header.key_id.hex()}",
-        f"sizes           {header.raw_size} raw, {header.payload_size} stored "
-        f"({header.raw_size / max(header.payload_size, 1):.2f}x)",
+        (f"sizes           {header.raw_size} raw, {header.payload_size} stored "
+         f"({header.raw_size / max(header.payload_size, 1):.2f}x)"),
         f"created         {_time(header.created_us)}",
         f"last source     {_time(header.last_source_us)}",
     ]

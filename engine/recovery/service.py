@@ -96,13 +96,13 @@ class RemoteRecovery:
         self._headers = {"Authorization": f"Bearer {token}"}
 
     async def _call(self, method: str, path: str, **kwargs: object) -> AsyncIterator[dict[str, object]]:
-        async with aiohttp.ClientSession(headers=self._headers) as session:
-            async with session.request(method, self.url + path, **kwargs) as response:  # type: ignore[arg-type]
-                if response.status != 200:
-                    raise RecoveryError(f"applier refused: {response.status} {await response.text()}")
-                async for line in response.content:
-                    if line.strip():
-                        yield json.loads(line)
+        async with (aiohttp.ClientSession(headers=self._headers) as session,
+                    session.request(method, self.url + path, **kwargs) as response):  # type: ignore[arg-type]
+            if response.status != 200:
+                raise RecoveryError(f"applier refused: {response.status} {await response.text()}")
+            async for line in response.content:
+                if line.strip():
+                    yield json.loads(line)
 
     async def _one(self, method: str, path: str, **kwargs: object) -> dict[str, object]:
         async for message in self._call(method, path, **kwargs):

@@ -17,7 +17,6 @@ from engine.fsutil import fsync_dir, sync_data
 from protocol.frames import disk_id_problem
 from protocol.logblob import BLOB_SUFFIX, blob_name, parse_blob_name
 
-
 SYNC_THREADS = 16  # blob and directory syncs of one upload group in flight at once
 
 
