@@ -47,21 +47,22 @@ def measure_borg(batches: list[bytes], workdir: Path, *, timeout: float = 600.0)
     env = borg_env(home)
     try:
         version = subprocess.run([exe, "--version"], capture_output=True, text=True, env=env,
-                                 timeout=60).stdout.strip()
+                                 timeout=60, check=False).stdout.strip()
         with open(sample, "wb") as handle:
             handle.writelines(batches)
             handle.flush()
             os.fsync(handle.fileno())
         size = sample.stat().st_size
         init = subprocess.run([exe, "init", "--encryption", "repokey", str(repo)], capture_output=True, text=True,
-                              env=env, timeout=120)
+                              env=env, timeout=120, check=False)
         if init.returncode != 0:
             return {"available": True, "mbps": None, "version": version,
                     "error": f"borg init failed: {init.stderr.strip()[-500:]}"}
         command = [exe, "create", "--compression", "lz4", f"{repo}::bench", sample.name]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
-        run = subprocess.run(command, capture_output=True, text=True, env=env, cwd=workdir, timeout=timeout)
+        run = subprocess.run(command, capture_output=True, text=True, env=env, cwd=workdir, timeout=timeout,
+                             check=False)
         elapsed = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if run.returncode not in (0, 1):  # 1 = warnings

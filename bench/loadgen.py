@@ -23,6 +23,7 @@ latency histograms, and per-disk sequence logs (for lag and stored/applied bytes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import multiprocessing as mp
 import os
@@ -430,10 +431,9 @@ class LoadGenerator:
 
     def abort(self) -> None:
         for ctl in self.ctl_qs:
-            try:
+            # Best effort: a closed or full queue (or a broken pipe) is fine, terminate() below stops the worker anyway.
+            with contextlib.suppress(ValueError, OSError, queue.Full):
                 ctl.put_nowait(("abort",))
-            except Exception:  # noqa: BLE001
-                pass
         for proc in self.workers:
             if proc.is_alive():
                 proc.terminate()

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -65,7 +66,7 @@ class Display:
         self.progress: Progress | None = None
         self.task = None
 
-    def __enter__(self) -> Display:
+    def __enter__(self) -> Self:
         if self.console is not None:
             self.progress = Progress(TextColumn("[bold]{task.description:<14}"), BarColumn(bar_width=24),
                                      TimeElapsedColumn(), TextColumn("{task.fields[stats]}"), console=self.console,

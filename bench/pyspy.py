@@ -138,9 +138,9 @@ def summarize(raw: Path, *, seconds: float, rate: int = 100, top: int = 15) -> d
 
 
 def markdown(name: str, summary: dict) -> list[str]:
-    lines = [f"### {name}: {summary['samples']} samples over {summary['seconds']:.1f} s "
-             f"({summary['busy_cores']:.2f} threads active on average — running, waiting for a CPU or blocked in "
-             f"a syscall such as fsync; raw stacks: `{summary['raw']}`)", ""]
+    lines = [(f"### {name}: {summary['samples']} samples over {summary['seconds']:.1f} s "
+              f"({summary['busy_cores']:.2f} threads active on average — running, waiting for a CPU or blocked in "
+              f"a syscall such as fsync; raw stacks: `{summary['raw']}`)"), ""]
     lines.append("Active threads: " + ", ".join(f"{t['thread']} {t['cores']:.2f}" for t in summary["threads"][:8]))
     lines.append("")
     for title, key in (("self time, innermost Python line (a C call is charged to the line that made it)",

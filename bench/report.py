@@ -71,10 +71,10 @@ def markdown(result: dict, plots: dict[str, str] | None = None) -> str:
     m = result.get("machine", {})
     lines = [f"# blockferry bench — {result.get('started', '?')}", ""]
     lines += [f"Command: `{result.get('command', '?')}`  ",
-              f"Machine: {m.get('nproc')} × {m.get('cpu_model')}, {(m.get('memory_bytes') or 0) / 2**30:.0f} GiB, "
-              f"Linux {m.get('kernel')}, Python {m.get('python')}, commit {m.get('commit')}  ",
-              f"Load average (1/5/15 min) at start: {_loadavg(m.get('loadavg_start'))}, at end: "
-              f"{_loadavg(m.get('loadavg_end'))} (other work on the machine skews every figure; ratios less)  ",
+              (f"Machine: {m.get('nproc')} × {m.get('cpu_model')}, {(m.get('memory_bytes') or 0) / 2**30:.0f} GiB, "
+               f"Linux {m.get('kernel')}, Python {m.get('python')}, commit {m.get('commit')}  "),
+              (f"Load average (1/5/15 min) at start: {_loadavg(m.get('loadavg_start'))}, at end: "
+               f"{_loadavg(m.get('loadavg_end'))} (other work on the machine skews every figure; ratios less)  "),
               f"Run time: {result.get('elapsed_s', '?')} s", ""]
 
     lines += ["## Targets (issue 5), measured in this run", "",
@@ -110,9 +110,9 @@ def markdown(result: dict, plots: dict[str, str] | None = None) -> str:
     phases = load_phases(result)
     if phases:
         lines += ["## Load phases", "",
-                  "| phase | mode | offered MB/s | acked MB/s | stored MB/s | applied MB/s | compression | "
-                  "server CPU s/GB | server CPU | peak RSS MiB | ack p50 / p99 / p99.9 ms | lag p50 / p99 s | "
-                  "caught up after |",
+                  ("| phase | mode | offered MB/s | acked MB/s | stored MB/s | applied MB/s | compression | "
+                   "server CPU s/GB | server CPU | peak RSS MiB | ack p50 / p99 / p99.9 ms | lag p50 / p99 s | "
+                   "caught up after |"),
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, p in phases:
             lat, lag = p["latency"], p["lag_s"]
@@ -202,8 +202,8 @@ def markdown(result: dict, plots: dict[str, str] | None = None) -> str:
     configs = {p["server_config_toml"] for _, p in phases}
     if configs:
         lines += ["## Server configuration", "",
-                  "Every load phase ran `blockferry serve --config FILE` with the defaults except these lines "
-                  "(data_dir and port differ per phase):", ""]
+                  ("Every load phase ran `blockferry serve --config FILE` with the defaults except these lines "
+                   "(data_dir and port differ per phase):"), ""]
         for text in sorted(configs, key=len)[:1]:
             lines += ["```toml", text.strip(), "```", ""]
         if drain:

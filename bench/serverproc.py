@@ -152,12 +152,13 @@ class BenchServer:
     def start(self, timeout: float = 60.0) -> None:
         self.write_files()
         raise_nofile()  # inherited by the server: it holds one socket per agent
-        log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
-        self.proc = subprocess.Popen([*blockferry_command(), "serve", "--config", str(self.config_path)],
-                                     stdout=log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True, preexec_fn=_default_sigint)
-        log.close()
+        with open(self.log_path, "ab") as log:
+            # subprocess has no option that resets an inherited SIG_IGN for SIGINT (restore_signals covers only
+            # SIGPIPE/SIGXFZ/SIGXFSZ, start_new_session only the session): the hook just calls signal.signal.
+            self.proc = subprocess.Popen([*blockferry_command(), "serve", "--config", str(self.config_path)],
+                                         stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True, preexec_fn=_default_sigint)  # noqa: PLW1509
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

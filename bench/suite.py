@@ -106,9 +106,9 @@ def machine_info() -> dict:
     try:
         root = Path(__file__).resolve().parent.parent
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
+                              text=True, timeout=10, check=False).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
         commit = head + ("+dirty" if dirty else "") if head else None
     except (OSError, subprocess.SubprocessError):
         pass

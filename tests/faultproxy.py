@@ -22,6 +22,7 @@ import random
 import socket
 import struct
 from collections import Counter
+from typing import Self
 
 import aiohttp
 from aiohttp import web
@@ -71,7 +72,7 @@ class FaultProxy:
         if self._session is not None:
             await self._session.close()
 
-    async def __aenter__(self) -> FaultProxy:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import random
@@ -136,6 +137,7 @@ def azure_containers(config: Config) -> list[str]:
 
 
 async def delete_containers(config: Config) -> None:
+    from azure.core.exceptions import ResourceNotFoundError
     from azure.storage.blob.aio import BlobServiceClient
 
     containers = azure_containers(config)
@@ -144,10 +146,8 @@ async def delete_containers(config: Config) -> None:
     async with BlobServiceClient.from_connection_string(
             config.store.azure.credentials().connection_string.get_secret_value()) as client:  # type: ignore
         for container in containers:
-            try:
+            with contextlib.suppress(ResourceNotFoundError):  # never created: nothing to delete
                 await client.delete_container(container)
-            except Exception:  # noqa: BLE001 - never created
-                pass
 
 
 def _seed_blob(config: Config, name: str):  # type: ignore[no-untyped-def]
@@ -213,9 +213,9 @@ class ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20.0) -> None:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([BLOCKFERRY, "serve", "--config", str(self.config_path)],
-                                     stdout=log, stderr=subprocess.STDOUT)
+        with open(self.log_path, "ab") as log:  # the child has its own copy of the descriptor
+            self.proc = subprocess.Popen([BLOCKFERRY, "serve", "--config", str(self.config_path)],
+                                         stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

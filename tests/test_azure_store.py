@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import logging
 import os
@@ -22,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from azure.core.exceptions import ServiceRequestError
+from azure.core.exceptions import ResourceNotFoundError, ServiceRequestError
 from azure.storage.blob import BlobType, ContainerSasPermissions, generate_container_sas
 from azure.storage.blob.aio import BlobServiceClient
 from azurite import ACCOUNT, ACCOUNT_KEY, Azurite
@@ -60,10 +61,8 @@ async def make_store(azurite: Azurite, admin: BlobServiceClient) -> AsyncIterato
     for store in stores:
         await store.close()
     for container in {s.container for s in stores}:
-        try:
+        with contextlib.suppress(ResourceNotFoundError):  # never created, or already gone: nothing to delete
             await admin.delete_container(container)
-        except Exception:  # noqa: BLE001 - never created, or already gone
-            pass
 
 
 def seal_file(tmp_path: Path, sealer: Sealer, disk: str, first: int, last: int, *, disk_size: int = 1 * MiB,

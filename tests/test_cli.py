@@ -30,8 +30,9 @@ BLOCKFERRY = shutil.which("blockferry", path=str(Path(sys.executable).parent)) o
 
 
 def run(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    # callers assert on the exit code themselves (several expect a failure)
     return subprocess.run([BLOCKFERRY, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "COLUMNS": "200"})
+                          env={**os.environ, "COLUMNS": "200"}, check=False)
 
 
 def wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
@@ -51,9 +52,9 @@ class Background:
 
     def __init__(self, log: Path, *args: str | Path) -> None:
         self.log = log
-        self._out = open(log, "wb")
-        self.proc = subprocess.Popen([BLOCKFERRY, *map(str, args)], stdout=self._out, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "COLUMNS": "200"})
+        with open(log, "wb") as out:  # the child has its own copy of the descriptor
+            self.proc = subprocess.Popen([BLOCKFERRY, *map(str, args)], stdout=out, stderr=subprocess.STDOUT,
+                                         env={**os.environ, "COLUMNS": "200"})
 
     def interrupt(self, timeout: float = 20) -> int:
         self.proc.send_signal(signal.SIGINT)
@@ -67,7 +68,6 @@ class Background:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-        self._out.close()
 
 
 @pytest.fixture
@@ -160,7 +160,7 @@ def test_inspect_log_with_key_lists_header_and_records(tmp_path: Path, sealed_bl
 
 
 def test_inspect_log_without_key_prints_only_the_header(sealed_blob: tuple[Path, bytes]) -> None:
-    blob, key = sealed_blob
+    blob, _key = sealed_blob
     result = run("inspect-log", blob)
     assert result.returncode == 0, result.stderr
     for pattern in HEADER_LINES:
@@ -174,7 +174,7 @@ def test_inspect_log_refuses_a_readable_key_file(tmp_path: Path, sealed_blob: tu
     blob, key = sealed_blob
     key_file = _key_file(tmp_path, key, 0o644)
     result = subprocess.run([BLOCKFERRY, "inspect-log", str(blob), "--key-file", str(key_file)], capture_output=True,
-                            timeout=60)
+                            timeout=60, check=False)
     assert result.returncode != 0
     err = result.stderr.decode(errors="replace")
     assert "chmod 600" in err and str(key_file) in err and "0644" in err, err

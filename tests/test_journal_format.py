@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -34,7 +35,7 @@ extents = st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 1 << 14)), 
 def test_merge_ranges_covers_exactly_the_union(ext: list[tuple[int, int]]) -> None:
     merged = merge_ranges(ext)
     covered = {b for o, n in ext for b in range(o, o + n)} if sum(n for _, n in ext) < 200_000 else None
-    assert all(a[0] + a[1] < b[0] for a, b in zip(merged, merged[1:])), "sorted, disjoint, not touching"
+    assert all(a[0] + a[1] < b[0] for a, b in itertools.pairwise(merged)), "sorted, disjoint, not touching"
     if covered is not None:
         assert covered == {b for o, n in merged for b in range(o, o + n)}
 

@@ -289,9 +289,9 @@ def test_every_truncation_fails():
 
 
 def _header_bytes(**overrides) -> bytes:
-    fields = dict(magic=MAGIC, version=1, header_size=99, codec=1, cipher=1, flags=0, key_id=b"k" * 8,
-                  nonce=b"n" * 12, first=1, last=1, count=1, raw=0, payload=0, disk_size=0, created=0, src=0,
-                  disk_len=1)
+    fields = {"magic": MAGIC, "version": 1, "header_size": 99, "codec": 1, "cipher": 1, "flags": 0,
+              "key_id": b"k" * 8, "nonce": b"n" * 12, "first": 1, "last": 1, "count": 1, "raw": 0, "payload": 0,
+              "disk_size": 0, "created": 0, "src": 0, "disk_len": 1}
     fields.update(overrides)
     return HEADER_FIXED.pack(*fields.values()) + b"d" + b"\0" * GCM_TAG_SIZE
 

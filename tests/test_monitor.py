@@ -100,10 +100,10 @@ class WebhookReceiver:
 
 
 async def scrape(base: str) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=T)) as session:
-        async with session.get(base + "/metrics") as resp:
-            assert resp.status == 200
-            content_type, text = resp.headers["Content-Type"], await resp.text()
+    async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=T)) as session,
+                session.get(base + "/metrics") as resp):
+        assert resp.status == 200
+        content_type, text = resp.headers["Content-Type"], await resp.text()
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for family in text_string_to_metric_families(text) for s in family.samples}
     return content_type, samples
@@ -437,10 +437,11 @@ async def test_source_clock_an_hour_behind_neither_inflates_the_rpo_nor_stalls_p
                     seq += 1
                     raw.tag(Tag(1, seq, TagKind.CRASH, f"r{round_}", source_us + 3))
                     await raw.wait_ack(1, seq)
-                    await wait_for(lambda: ps.applier.applied_seq("skewed") == seq, f"round {round_} applied")
+                    # the closures bind this round's seq and lags (wait_for polls them before the next round)
+                    await wait_for(lambda seq=seq: ps.applier.applied_seq("skewed") == seq, f"round {round_} applied")
                     lags: list[float] = []
 
-                    def settled() -> DiskHealth | None:
+                    def settled(lags: list[float] = lags) -> DiskHealth | None:
                         h = health_of(monitor, "skewed")
                         lags.append(h.recoverable_lag_s)
                         return h if h.recoverable_lag_s == 0 and h.stage is None else None

@@ -6,6 +6,7 @@ tests below pin the exact bytes that document shows.
 
 from __future__ import annotations
 
+import itertools
 import struct
 import zlib
 
@@ -189,7 +190,7 @@ def test_arbitrary_splits_yield_the_same_frames(frames, data):
     bounds = [0, *cuts, len(stream)]
     dec = FrameDecoder()
     out = []
-    for a, b in zip(bounds, bounds[1:]):
+    for a, b in itertools.pairwise(bounds):
         out += dec.feed(stream[a:b])
         assert dec.buffered <= dec.max_frame + FRAME_HEADER.size
     dec.eof()
@@ -230,7 +231,7 @@ def _feed_checked(dec: FrameDecoder, stream: bytes, cuts: list[int]) -> None:
     """Feed ``stream`` in pieces; only RemoteProtocolError may escape, buffering stays bounded."""
     bounds = [0, *sorted(cuts), len(stream)]
     try:
-        for a, b in zip(bounds, bounds[1:]):
+        for a, b in itertools.pairwise(bounds):
             dec.feed(stream[a:b])
             assert dec.buffered <= dec.max_frame + FRAME_HEADER.size
         dec.eof()
