@@ -17,13 +17,10 @@ import threading
 import time
 from pathlib import Path
 
+from bench.stats import percentile
 from engine.wal import WriteAheadLog
 from protocol.logblob import RECORD_HEADER
 from protocol.wal import WalSealer
-
-
-def _percentile(sorted_values: list[float], fraction: float) -> float:
-    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * fraction))]
 
 
 def _commit_latencies(directory: Path, pieces: list[bytes], commits: int, *, busy: bool) -> list[float]:
@@ -49,7 +46,7 @@ def _commit_latencies(directory: Path, pieces: list[bytes], commits: int, *, bus
         if spinner is not None:
             spinner.join()
         wal.close()
-    return sorted(latencies)
+    return latencies
 
 
 def measure_commit(records: int, record_bytes: int, commits: int, directory: Path | None = None) -> dict:
@@ -61,7 +58,7 @@ def measure_commit(records: int, record_bytes: int, commits: int, directory: Pat
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         for label, busy in (("alone", False), ("beside_busy_thread", True)):
             latencies = _commit_latencies(Path(scratch) / label, pieces, commits, busy=busy)
-            results[label] = {"p50_ms": _percentile(latencies, 0.5) * 1e3, "p99_ms": _percentile(latencies, 0.99) * 1e3}
+            results[label] = {"p50_ms": percentile(latencies, 0.5) * 1e3, "p99_ms": percentile(latencies, 0.99) * 1e3}
     results["switch_interval_ms"] = sys.getswitchinterval() * 1e3
     results["switch_intervals_per_commit"] = results["beside_busy_thread"]["p50_ms"] / results["switch_interval_ms"]
     return results
