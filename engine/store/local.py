@@ -6,6 +6,7 @@ import asyncio
 import errno
 import os
 import shutil
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -109,30 +110,26 @@ class LocalStore:
         hold that file's blocks for good and keep it out of the pool (a file with two names is deleted,
         not reused)."""
         removed = 0
-        with os.scandir(self.root) as disks:
-            for disk in disks:
-                if not disk.is_dir():
-                    continue
-                with os.scandir(disk.path) as names:
-                    for entry in names:
-                        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
-                            os.unlink(entry.path)
-                            removed += 1
+        for _, entry in self._entries():
+            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                os.unlink(entry.path)
+                removed += 1
         return removed
 
     async def list_blobs(self) -> list[str]:
         return await asyncio.to_thread(self._list)
 
     def _list(self) -> list[str]:
-        names = []
+        return sorted(f"{disk}/{entry.name}" for disk, entry in self._entries()
+                      if entry.name.endswith(BLOB_SUFFIX) and not entry.name.startswith("."))
+
+    def _entries(self) -> Iterator[tuple[str, os.DirEntry[str]]]:
+        """Every name in every disk directory, with its disk."""
         with os.scandir(self.root) as disks:
             for disk in disks:
-                if not disk.is_dir():
-                    continue
-                with os.scandir(disk.path) as blobs:
-                    names += [f"{disk.name}/{b.name}" for b in blobs
-                              if b.name.endswith(BLOB_SUFFIX) and not b.name.startswith(".")]
-        return sorted(names)
+                if disk.is_dir():
+                    with os.scandir(disk.path) as names:
+                        yield from ((disk.name, entry) for entry in names)
 
     async def get(self, name: str) -> bytes:
         async with aiofiles.open(self._path(name), "rb") as handle:
