@@ -80,8 +80,9 @@ class BatchConfig(_Section):
 
 class PipelineConfig(_Section):
     max_inflight_bytes: ByteSize = Field(ByteSize(64 * 1024 * 1024), ge=1024 * 1024, le=2 * 1024**3,
-                                         description="Payload bytes received but not yet sealed (or not yet logged), "
-                                                     "over all disks, at most 2GiB (one log commit must fit the "
+                                         description="Payload bytes held in memory, over all disks: received "
+                                                     "but not yet logged, or in a batch being sealed (what is "
+                                                     "logged is read back from the log), at most 2GiB (one log commit must fit the "
                                                      "log's 32-bit chunk length); "
                                                      "beyond it the server stops reading agent sockets (backpressure). "
                                                      "More only queues: at 90 % load 128MiB doubled ack p99 over "

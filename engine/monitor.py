@@ -457,14 +457,13 @@ class MonitorCollector(Collector):
         stored = CounterMetricFamily("blockferry_stored_bytes", "Sealed bytes uploaded to the cache store.")
         stored.add_metric([], stats.stored_bytes)
         yield stored
-        received = sum(s.received_bytes for s in p.streams.values())
-        unsealed = p.inflight_bytes  # payload bytes received but not sealed yet
         ratio = GaugeMetricFamily("blockferry_compression_ratio",
                                   "Payload bytes per sealed byte over everything sealed so far (lz4; >1 = saving).")
-        ratio.add_metric([], (received - unsealed) / stats.sealed_bytes if stats.sealed_bytes else 0.0)
+        ratio.add_metric([], stats.sealed_payload_bytes / stats.sealed_bytes if stats.sealed_bytes else 0.0)
         yield ratio
         gauges = [
-            ("blockferry_inflight_bytes", "Payload bytes received but not yet sealed.", p.inflight_bytes),
+            ("blockferry_inflight_bytes", "Payload bytes held in memory: not yet logged, or being sealed.",
+             p.inflight_bytes),
             ("blockferry_inflight_limit_bytes", "pipeline.max_inflight_bytes: ingest pauses at this.",
              int(p.config.pipeline.max_inflight_bytes)),
             ("blockferry_ingest_paused", "1 while ingest is paused (backpressure), else 0.", int(p.paused)),

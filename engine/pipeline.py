@@ -6,9 +6,10 @@ acknowledged once that commit is durable: an ack waits for neither lz4 nor a fil
 joins its disk's batch, modelled on aiokafka's message accumulator: a batch is cut at
 ``batch.max_bytes``, after ``batch.linger_ms`` (deferred while the disk's previous seal is in flight)
 or at a tag; sealing (lz4 then AES-256-GCM) runs on a pool sized to the cores, spool writes on their own
-pool; uploads leave in groups. What is in the cache store lets the log go.
+pool; uploads leave in groups. What is in the cache store lets the log go. Once a commit is durable, the
+open batches drop the records it holds from memory and the seal reads them back from the log.
 
-Memory is bounded by ``pipeline.max_inflight_bytes`` (bytes not yet sealed, or not yet logged) and the
+Memory is bounded by ``pipeline.max_inflight_bytes`` (bytes not yet logged, or being sealed) and the
 spool (log and sealed blobs) by ``spool.max_bytes``: when either is reached the pipeline asks its flow
 listeners (agent connections) to stop reading until it has drained below three quarters of the limit.
 """
@@ -25,7 +26,7 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from prometheus_client import Histogram
 
@@ -35,8 +36,8 @@ from engine.nonces import RandomNonces
 from engine.spool import Spool, SpooledBlob, UploadWatermarks
 from engine.store import CacheStore
 from engine.store.base import StoreError
-from engine.wal import SEGMENT_BYTES, GroupCommitter, Logged, WriteAheadLog
-from protocol import SECTOR_SIZE, ErrorCode, RemoteProtocolError, Tag, Write
+from engine.wal import SEGMENT_BYTES, ChunkPlace, GroupCommitter, Logged, LogRange, WriteAheadLog
+from protocol import SECTOR_SIZE, ErrorCode, LogBlobError, RemoteProtocolError, Tag, Write
 from protocol.logblob import (
     BlobHeader,
     KeyLookup,
@@ -47,7 +48,7 @@ from protocol.logblob import (
     tag_record,
     write_record_header,
 )
-from protocol.wal import WalSealer, WalSection
+from protocol.wal import WalSealer, WalSection, check_read_back
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +92,34 @@ AckListener = Callable[[str, int], None]  # (disk, durable_seq)
 Pieces = tuple[bytes | memoryview, ...]  # one record: its header, and its body if it has one
 
 
+class Record(NamedTuple):
+    """A record of an open batch, held in memory until its commit puts it in the log."""
+
+    seq: int
+    pieces: Pieces
+    size: int  # header and body
+    payload: int  # a write's body (0 for a tag)
+    checksum: int | None  # the agent's CRC-32 of a write's body: what checks it when it is read back
+
+
+class LoggedRecords(NamedTuple):
+    """Records of a batch that are in the log, read back when the batch is sealed."""
+
+    place: LogRange
+    first_seq: int
+    last_seq: int
+    checksums: tuple[int | None, ...]
+
+
 @dataclass
 class Batch:
     disk: str
     first_seq: int
-    pieces: list[bytes | memoryview] = field(default_factory=list)
+    logged: list[LoggedRecords] = field(default_factory=list)  # its first records, in the log
+    records: deque[Record] = field(default_factory=deque)  # the rest, in memory
     last_seq: int = 0
     payload_bytes: int = 0
+    memory_bytes: int = 0  # payload of ``records``: what counts against pipeline.max_inflight_bytes
     last_source_us: int = 0
     sealed: bool = False
     uploaded: bool = False
@@ -350,11 +372,11 @@ class Pipeline:
                     size = len(record.data)
                     self._append(stream, record.seq, record.timestamp_us,
                                  (write_record_header(record.seq, record.timestamp_us, record.offset, size),
-                                  record.data), size)
+                                  record.data), size, None)
                 else:
                     self._append(stream, record.seq, record.timestamp_us,
                                  (tag_record(record.seq, record.timestamp_us, record.kind, record.tag_id),), 0,
-                                 ends_batch=True)
+                                 None, ends_batch=True)
                 replayed[section.disk] += 1
             stream.durable_seq = stream.accepted_seq
         for disk, count in sorted(replayed.items()):
@@ -393,7 +415,7 @@ class Pipeline:
         size = len(write.data)
         pieces = (write_record_header(write.seq, write.timestamp_us, write.offset, size), write.data)
         self._log(stream, write.seq, pieces, size)
-        self._append(stream, write.seq, write.timestamp_us, pieces, size)
+        self._append(stream, write.seq, write.timestamp_us, pieces, size, write.checksum)
         return True
 
     def accept_tag(self, stream: DiskStream, tag: Tag) -> bool:
@@ -402,13 +424,13 @@ class Pipeline:
         pieces = (tag_record(tag.seq, tag.timestamp_us, tag.kind, tag.tag_id),)
         self._log(stream, tag.seq, pieces, 0)
         # a tag ends its batch, so recovery points fall on blob boundaries
-        self._append(stream, tag.seq, tag.timestamp_us, pieces, 0, ends_batch=True)
+        self._append(stream, tag.seq, tag.timestamp_us, pieces, 0, None, ends_batch=True)
         return True
 
-    def _append(self, stream: DiskStream, seq: int, timestamp_us: int, pieces: Pieces, size: int, *,
-                ends_batch: bool = False) -> None:
+    def _append(self, stream: DiskStream, seq: int, timestamp_us: int, pieces: Pieces, size: int,
+                checksum: int | None, *, ends_batch: bool = False) -> None:
         batch = self._batch_for(stream, seq)
-        batch.pieces += pieces
+        batch.records.append(Record(seq, pieces, sum(map(len, pieces)), size, checksum))
         self._added(stream, batch, seq, timestamp_us, size)
         if ends_batch or batch.payload_bytes >= self._max_batch:
             self._cut(stream)
@@ -425,6 +447,7 @@ class Pipeline:
     def _added(self, stream: DiskStream, batch: Batch, seq: int, timestamp_us: int, size: int) -> None:
         stream.accepted_seq = batch.last_seq = seq
         batch.payload_bytes += size
+        batch.memory_bytes += size
         batch.last_source_us = max(batch.last_source_us, timestamp_us)
         self.inflight_bytes += size
         self.stats.received_bytes += size
@@ -440,8 +463,9 @@ class Pipeline:
         self.unlogged_bytes += size
         self.unlogged_records += 1
 
-    def _committed(self, logged: list[Logged], chunk_bytes: int, seconds: float) -> None:
-        """On the loop, once a commit is durable: acknowledge."""
+    def _committed(self, logged: list[Logged], chunk_bytes: int, seconds: float, place: ChunkPlace) -> None:
+        """On the loop, once a commit is durable: acknowledge, and let the open batches refer to the log
+        for what it now holds instead of holding it in memory."""
         self.spool.used_bytes += chunk_bytes
         self.stats.log_bytes += chunk_bytes
         self.stats.log_commits.observe(seconds)
@@ -452,6 +476,8 @@ class Pipeline:
             stream.durable_seq = entry.last_seq
             for listener in list(stream.listeners.values()):
                 listener(entry.disk, entry.last_seq)
+            if stream.open_batch is not None:
+                self._refer_to_log(stream.open_batch, entry, place)
             self._queue_uploads(stream)
         if self.wal.closed_segments != self._closed_segments_seen:
             # a segment closed after its writes were stored would otherwise wait for the next upload,
@@ -459,6 +485,29 @@ class Pipeline:
             self._closed_segments_seen = self.wal.closed_segments
             self._spawn(self._release_log())
         self._update_flow()
+
+    def _refer_to_log(self, batch: Batch, entry: Logged, place: ChunkPlace) -> None:
+        """Drop from memory the records of ``batch`` that ``entry`` put in the log; the seal reads them back.
+
+        With many disks this is what lets batches grow: each disk's open batch waits out its linger,
+        and while it held its payload, 1000 disks' batches filled the in-flight budget in a fraction of
+        it — ingest paused, and batches were cut small (blobs of ~80 KB, each a file, a sync and an apply
+        group). Batches being sealed keep their records; so do records replayed at start (not in this
+        commit: the run of records must start inside the entry and end at its last)."""
+        records = batch.records
+        count = 0
+        while count < len(records) and records[count].seq <= entry.last_seq:
+            count += 1
+        if not count or records[0].seq < entry.first_seq or records[count - 1].seq != entry.last_seq:
+            return
+        moved = [records.popleft() for _ in range(count)]
+        size = sum(record.size for record in moved)
+        # the run ends the entry's records, so it starts where they end less its size
+        batch.logged.append(LoggedRecords(place.range(entry.offset + entry.size - size, size), moved[0].seq,
+                                          moved[-1].seq, tuple(record.checksum for record in moved)))
+        payload = sum(record.payload for record in moved)
+        batch.memory_bytes -= payload
+        self.inflight_bytes -= payload
 
     def _log_failed(self, exc: Exception, retry_s: float) -> None:
         # spool disk full or failing: nothing in the commit was acknowledged; the committer keeps trying
@@ -508,10 +557,7 @@ class Pipeline:
         one event-loop round trip, not two: under load each round trip waited ~6 ms for the busy loop,
         and a disk whose linger expired meanwhile cuts its next batch only after this one."""
         loop = asyncio.get_running_loop()
-        spooled: asyncio.Future[tuple[memoryview, Path | OSError]] = loop.create_future()
-
-        def report(outcome: tuple[memoryview, Path | OSError] | BaseException) -> None:
-            loop.call_soon_threadsafe(_settle, spooled, outcome)
+        delays = self.config.upload.retry_delays()
 
         def try_write(sealed: memoryview) -> Path | OSError:
             try:
@@ -519,20 +565,26 @@ class Pipeline:
             except OSError as exc:
                 return exc
 
-        def write(sealed: memoryview) -> None:
-            report((sealed, try_write(sealed)))
-
-        def seal() -> None:
+        def seal_and_write(spooled: asyncio.Future[tuple[memoryview, Path | OSError]]) -> None:
             try:
                 sealed = self._seal_blocking(batch)
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
-                report(exc)
+                loop.call_soon_threadsafe(_settle, spooled, exc)
                 return
-            self._spool_executor.submit(write, sealed)
+            self._spool_executor.submit(
+                lambda: loop.call_soon_threadsafe(_settle, spooled, (sealed, try_write(sealed))))
 
-        self._executor.submit(seal)
-        sealed, written = await spooled
-        delays = self.config.upload.retry_delays()
+        while True:
+            spooled: asyncio.Future[tuple[memoryview, Path | OSError]] = loop.create_future()
+            self._executor.submit(seal_and_write, spooled)
+            try:
+                sealed, written = await spooled
+                break
+            except (OSError, LogBlobError) as exc:  # reading the log back: the log still holds the writes
+                delay = next(delays)
+                log.error("spool: cannot seal blob %s: %s; retrying in %.1fs", batch.name, exc, delay)
+                self.stats.spool_errors += 1
+                await asyncio.sleep(delay)
         while isinstance(written, OSError):  # spool disk full or failing: the log holds the writes; keep trying
             delay = next(delays)
             log.error("spool: cannot write blob %s: %s; retrying in %.1fs", batch.name, written, delay)
@@ -547,10 +599,11 @@ class Pipeline:
         if self._buffers.qsize() < self._spare_buffers:
             self._buffers.put(sealed.obj)
         batch.sealed = True
-        batch.pieces = []
-        self.inflight_bytes -= batch.payload_bytes
+        batch.logged, batch.records = [], deque()
+        self.inflight_bytes -= batch.memory_bytes
         self.spool.used_bytes += batch.size
         self.stats.sealed_bytes += batch.size
+        self.stats.sealed_payload_bytes += batch.payload_bytes
         stream.sealed_bytes += batch.size
         self._queue_uploads(stream)
         if stream.cut_when_sealed and not stream.seal_in_flight:
@@ -567,8 +620,10 @@ class Pipeline:
             self._upload_queue.put_nowait(done)
 
     def _seal_blocking(self, batch: Batch) -> memoryview:
-        """Worker thread: join once, lz4 + AES-GCM into a reused buffer."""
-        records = b"".join(batch.pieces)
+        """Worker thread: read back what is in the log, join once, lz4 + AES-GCM into a reused buffer."""
+        parts: list[bytes | memoryview] = [self._read_back(batch.disk, logged) for logged in batch.logged]
+        parts += [piece for record in batch.records for piece in record.pieces]
+        records = b"".join(parts)
         header = BlobHeader(batch.disk, self.streams[batch.disk].info.size, batch.first_seq, batch.last_seq,
                             batch.last_seq - batch.first_seq + 1, batch.created_us, batch.last_source_us)
         try:
@@ -576,6 +631,13 @@ class Pipeline:
         except queue.Empty:
             buffer = None
         return self.sealer.seal(records, header, self._nonces(), out=buffer)
+
+    def _read_back(self, disk: str, logged: LoggedRecords) -> bytes:
+        """Worker thread: records from the log, each write checked against the agent's CRC-32 (the read
+        is not authenticated: the chunk's tag covers the whole chunk, which holds other disks' records)."""
+        records = self.wal.read(logged.place)
+        check_read_back(records, disk, logged.first_seq, logged.checksums)
+        return records
 
     # ------------------------------------------------------------ upload
 
@@ -726,6 +788,7 @@ class PipelineStats:
     log_bytes: int = 0
     received_bytes: int = 0
     sealed_bytes: int = 0
+    sealed_payload_bytes: int = 0
     stored_bytes: int = 0
     upload_errors: int = 0
     spool_errors: int = 0

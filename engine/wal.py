@@ -27,7 +27,7 @@ from engine.fsutil import fsync_dir, private_dir, sync_data
 from engine.nonces import RandomNonces
 from protocol import LogBlobError
 from protocol.logblob import KeyLookup
-from protocol.wal import WAL_MAGIC, WalChunk, WalSealer, WalSection, read_chunk, section_header
+from protocol.wal import CHUNK_HEADER, WAL_MAGIC, WalChunk, WalSealer, WalSection, read_chunk, section_header
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,30 @@ class Segment:
 
     def covered_by(self, watermarks: dict[str, int]) -> bool:
         return all(watermarks.get(disk, 0) >= seq for disk, seq in self.last_seqs.items())
+
+
+@dataclass(frozen=True, slots=True)
+class LogRange:
+    """Records of one disk that a commit put in the log, to read back (:meth:`WriteAheadLog.read`)
+    instead of holding them in memory until they are sealed."""
+
+    path: Path  # the segment
+    file_offset: int  # where their ciphertext starts in it
+    chunk_offset: int  # ... and where in the records of its chunk (the cipher's counter position)
+    length: int
+    nonce: bytes  # the chunk's
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkPlace:
+    """Where a commit's chunk went: its records start at ``records_at`` in ``path``."""
+
+    path: Path
+    records_at: int
+    nonce: bytes
+
+    def range(self, chunk_offset: int, length: int) -> LogRange:
+        return LogRange(self.path, self.records_at + chunk_offset, chunk_offset, length, self.nonce)
 
 
 class WriteAheadLog:
@@ -66,6 +90,7 @@ class WriteAheadLog:
         self._next_chunk = 1
         self._lock = threading.Lock()
         self._nonces = RandomNonces()
+        self._readers: dict[Path, int] = {}  # segment -> descriptor that reads records back
 
     def replay(self, keys: KeyLookup, after: dict[str, int]) -> list[WalSection]:
         """At start-up: the sections the previous runs logged, in log order, except those whose disk is
@@ -123,8 +148,9 @@ class WriteAheadLog:
     def size_bytes(self) -> int:
         return sum(s.size for s in self._closed) + (self._open.size if self._open else 0)
 
-    def append(self, pieces: Sequence[bytes | memoryview], last_seqs: dict[str, int]) -> int:
-        """Append one chunk (section headers and records, concatenated) durably; returns its size. One
+    def append(self, pieces: Sequence[bytes | memoryview], last_seqs: dict[str, int]) -> tuple[int, ChunkPlace]:
+        """Append one chunk (section headers and records, concatenated) durably; returns its size and
+        where it went. One
         writer only (the committer). The lock covers the segment lists, not the write and its fdatasync:
         a release waiting for a commit held up the upload worker that asked for it.
 
@@ -136,8 +162,9 @@ class WriteAheadLog:
             segment, fd = self._writable()
         number = self._next_chunk
         self._next_chunk += 1  # used up even if this append fails: its bytes may survive in the old segment
+        place = ChunkPlace(segment.path, segment.size + CHUNK_HEADER.size, self._nonces())
         try:
-            written = self._write_chunk(fd, segment.size, number, pieces)
+            written = self._write_chunk(fd, segment.size, number, pieces, place.nonce)
         except OSError as exc:
             with self._lock:
                 self._close_open(truncate_to=segment.size)
@@ -149,9 +176,26 @@ class WriteAheadLog:
                 segment.last_seqs[disk] = max(segment.last_seqs.get(disk, 0), seq)
             if segment.size >= self.segment_bytes:
                 self._close_open()
-        return written
+        return written, place
 
-    def _write_chunk(self, fd: int, offset: int, number: int, pieces: Sequence[bytes | memoryview]) -> int:
+    def read(self, logged: LogRange) -> bytes:
+        """Records an earlier commit appended, read back (blocking; any thread). Unauthenticated — the
+        tag covers the whole chunk —, so the caller checks them; a short read is an OSError."""
+        data = os.pread(self._reader(logged.path), logged.length, logged.file_offset)
+        if len(data) != logged.length:
+            raise OSError(errno.EIO, f"write-ahead log: {len(data)} of {logged.length} bytes at offset "
+                                     f"{logged.file_offset}", str(logged.path))
+        return self.sealer.open_range(logged.nonce, logged.chunk_offset, data)
+
+    def _reader(self, path: Path) -> int:
+        with self._lock:
+            fd = self._readers.get(path)
+            if fd is None:
+                fd = self._readers[path] = os.open(path, os.O_RDONLY)
+            return fd
+
+    def _write_chunk(self, fd: int, offset: int, number: int, pieces: Sequence[bytes | memoryview],
+                     nonce: bytes) -> int:
         """Write and (``fsync``) sync one chunk at ``offset``. A chunk that fits one view is written and
         synced in one call (``RWF_DSYNC``: fdatasync's guarantee for the range written), because the
         committer must win the GIL back after every call, at up to a switch interval each beside the busy
@@ -159,7 +203,7 @@ class WriteAheadLog:
         total = self.sealer.chunk_size(pieces)
         flags = 0
         written = 0
-        for view in self.sealer.seal(number, pieces, self._nonces()):
+        for view in self.sealer.seal(number, pieces, nonce):
             flags = os.RWF_DSYNC if self._synced_writes and len(view) == total else 0
             while view:
                 try:
@@ -179,10 +223,14 @@ class WriteAheadLog:
 
     def release(self, watermarks: dict[str, int]) -> int:
         """Delete the closed segments everything of which is in the cache store; returns the bytes freed.
-        ``watermarks`` must be the *saved* upload watermarks: a restart recovers from those."""
+        ``watermarks`` must be the *saved* upload watermarks: a restart recovers from those. Nothing
+        reads such a segment back any more: its records were sealed before they were stored."""
         with self._lock:
             done = [segment for segment in self._closed if segment.covered_by(watermarks)]
             self._closed = [segment for segment in self._closed if segment not in done]
+            readers = [self._readers.pop(segment.path) for segment in done if segment.path in self._readers]
+        for fd in readers:
+            os.close(fd)
         for segment in done:
             segment.path.unlink(missing_ok=True)
         return sum(segment.size for segment in done)
@@ -190,6 +238,9 @@ class WriteAheadLog:
     def close(self) -> None:
         with self._lock:
             self._close_open()
+            readers, self._readers = list(self._readers.values()), {}
+        for fd in readers:
+            os.close(fd)
 
     def _writable(self) -> tuple[Segment, int]:
         if self._open is None or self._fd is None:
@@ -234,6 +285,7 @@ class Logged:
     size: int = 0  # record bytes, headers included
     payload_bytes: int = 0
     pieces: list[bytes | memoryview] = field(default_factory=list)
+    offset: int = 0  # where the records start in the chunk's, once committed
 
     def section(self) -> bytes:
         return section_header(self.disk, self.disk_size, self.first_seq, self.last_seq, self.records, self.size)
@@ -245,13 +297,13 @@ class GroupCommitter:
     commits grow, they do not queue). Only the acknowledgements go back through the event loop; a loop
     round trip between commits cost milliseconds on a busy machine.
 
-    ``log`` runs on the event loop, and so do the callbacks: ``on_committed(logged, chunk_bytes, seconds)``
-    (seconds: the successful append's duration) and ``on_error(exc, retry_s)``. A failed append (full or
+    ``log`` runs on the event loop, and so do the callbacks: ``on_committed(logged, chunk_bytes, seconds,
+    place)`` (seconds: the successful append's duration; place: where the chunk went) and ``on_error(exc, retry_s)``. A failed append (full or
     failing disk) is retried with back-off, nothing acknowledged meanwhile, and reported each time.
     """
 
     def __init__(self, wal: WriteAheadLog, loop: asyncio.AbstractEventLoop,
-                 on_committed: Callable[[list[Logged], int, float], None],
+                 on_committed: Callable[[list[Logged], int, float, ChunkPlace], None],
                  on_error: Callable[[Exception, float], None], *,
                  retry_delays: Callable[[], Iterator[float]]) -> None:
         self.wal = wal
@@ -302,21 +354,29 @@ class GroupCommitter:
                     return
                 logged, self._pending = list(self._pending.values()), {}
             pieces: list[bytes | memoryview] = []
+            offset = 0
             for entry in logged:
-                pieces.append(entry.section())
+                section = entry.section()
+                pieces.append(section)
+                entry.offset = offset + len(section)
+                offset = entry.offset + entry.size
                 pieces += entry.pieces
             appended = self._append(pieces, {entry.disk: entry.last_seq for entry in logged})
             if appended is None:
                 return
+            del pieces
+            for entry in logged:
+                entry.pieces = []  # the log holds them now
             self._loop.call_soon_threadsafe(self._on_committed, logged, *appended)
 
-    def _append(self, pieces: list[bytes | memoryview], last_seqs: dict[str, int]) -> tuple[int, float] | None:
+    def _append(self, pieces: list[bytes | memoryview],
+                last_seqs: dict[str, int]) -> tuple[int, float, ChunkPlace] | None:
         delays = self._retry_delays()
         while True:
             try:
                 started = time.perf_counter()
-                size = self.wal.append(pieces, last_seqs)
-                return size, time.perf_counter() - started
+                size, place = self.wal.append(pieces, last_seqs)
+                return size, time.perf_counter() - started, place
             except Exception as exc:  # noqa: BLE001 - this thread must not die: nothing would be acked again
                 retry_s = next(delays)
                 self._loop.call_soon_threadsafe(self._on_error, exc, retry_s)

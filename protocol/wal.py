@@ -17,6 +17,7 @@ rest) but not compressed. Pure computation: the caller supplies nonces, buffers 
 from __future__ import annotations
 
 import struct
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -25,12 +26,22 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from protocol.errors import LogBlobError
-from protocol.logblob import GCM_TAG_SIZE, KEY_SIZE, NONCE_SIZE, BlobHeader, KeyLookup, key_id_of
+from protocol.logblob import (
+    GCM_TAG_SIZE,
+    KEY_SIZE,
+    NONCE_SIZE,
+    BlobHeader,
+    KeyLookup,
+    WriteRecord,
+    iter_records,
+    key_id_of,
+)
 
 WAL_MAGIC = b"\x89BFWAL\r\n"
 CHUNK_HEADER = struct.Struct("<8sQ8s12sI")  # magic, chunk number, key id, nonce, ciphertext length (incl. tag)
 SECTION_HEADER = struct.Struct("<HQQQII")  # disk id length, disk size, first seq, last seq, records, bytes
 STREAM_BUFFER = 1024 * 1024  # records are encrypted (and handed out) in pieces of this size
+AES_BLOCK = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +127,20 @@ class WalSealer:
         yield out[:end + GCM_TAG_SIZE]
 
 
+    def open_range(self, nonce: bytes, offset: int, ciphertext: bytes | memoryview) -> bytes:
+        """Plaintext of ``ciphertext``, the bytes at ``offset`` in the records of the chunk sealed with
+        ``nonce`` — without the tag, which covers the whole chunk: this reads back a few records of a
+        chunk this sealer wrote, and the caller checks them against the checksums it kept for them.
+
+        GCM encrypts in counter mode: the first block of records uses counter block ``nonce ‖ 2``."""
+        block, skip = divmod(offset, AES_BLOCK)
+        counter = nonce + (2 + block).to_bytes(4, "big")
+        decryptor = Cipher(algorithms.AES(self._key), modes.CTR(counter)).decryptor()
+        if skip:
+            decryptor.update(bytes(skip))
+        return decryptor.update(ciphertext) + decryptor.finalize()
+
+
 def read_chunk(data: bytes | memoryview, offset: int, keys: KeyLookup, *, name: str | None = None) -> WalChunk | None:
     """The chunk at ``offset``, or None where the log ends: no more bytes, or a chunk cut short or
     garbled by a crash during its write (never acknowledged, since acks follow the write's fsync).
@@ -158,3 +183,16 @@ def _sections(plaintext: memoryview, number: int, name: str | None) -> list[WalS
         sections.append(WalSection(disk, disk_size, first, last, count, plaintext[pos:pos + size]))
         pos += size
     return sections
+
+
+def check_read_back(records: bytes | memoryview, disk: str, first_seq: int,
+                    checksums: Sequence[int | None]) -> None:
+    """Raise LogBlobError, naming the disk and sequence, unless ``records`` (read back from the log with
+    :meth:`WalSealer.open_range`) are the run of sequences from ``first_seq`` that was logged: one record
+    per checksum, every write's body matching its checksum (the agent's CRC-32; None for a tag)."""
+    header = BlobHeader(disk, 0, first_seq, first_seq + len(checksums) - 1, len(checksums), 0, 0)
+    for record, checksum in zip(list(iter_records(records, header, name="(write-ahead log, read back)")),
+                                checksums):
+        if isinstance(record, WriteRecord) and checksum is not None and zlib.crc32(record.data) != checksum:
+            raise LogBlobError(f"sequence {record.seq} read back from the write-ahead log fails its CRC-32",
+                               disk=disk)

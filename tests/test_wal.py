@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import gc
+import itertools
 import logging
 import os
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,7 @@ from engine.pipeline import Batch, DiskStream, Pipeline
 from engine.spool import Spool
 from engine.store import LocalStore
 from engine.store.base import StoreError
-from engine.wal import WriteAheadLog
+from engine.wal import ChunkPlace, WriteAheadLog
 from protocol import LogBlobError, Tag, TagKind, Write
 from protocol.logblob import (
     GCM_TAG_SIZE,
@@ -40,7 +42,15 @@ from protocol.logblob import (
     open_blob,
     write_record_header,
 )
-from protocol.wal import CHUNK_HEADER, SECTION_HEADER, STREAM_BUFFER, WalSealer, read_chunk, section_header
+from protocol.wal import (
+    CHUNK_HEADER,
+    SECTION_HEADER,
+    STREAM_BUFFER,
+    WalSealer,
+    check_read_back,
+    read_chunk,
+    section_header,
+)
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -100,6 +110,36 @@ def test_a_chunk_reads_back_whole_or_not_at_all(sections: list[tuple[str, list[b
     assert [(s.disk, s.first_seq, s.last_seq, bytes(s.records)) for s in read.sections] == expected
     torn = chunk[:cut % len(chunk)]  # a write cut short by a crash: the log ends there
     assert read_chunk(torn, 0, keys) is None
+
+
+@given(st.lists(st.binary(max_size=5000), min_size=1, max_size=6), st.data())
+def test_records_read_back_from_any_offset_of_a_chunk(bodies: list[bytes], data: st.DataObject) -> None:
+    """What the pipeline reads back for a sealed batch: any run of a chunk's records, by offset."""
+    pieces = section(bodies)
+    plain = b"".join(pieces)
+    nonce = os.urandom(12)
+    sealer = WalSealer(KEY)
+    chunk = b"".join(bytes(view) for view in sealer.seal(3, pieces, nonce))
+    start = data.draw(st.integers(0, len(plain)))
+    end = data.draw(st.integers(start, len(plain)))
+    ciphertext = chunk[CHUNK_HEADER.size + start:CHUNK_HEADER.size + end]
+    assert sealer.open_range(nonce, start, ciphertext) == plain[start:end]
+
+
+def test_records_read_back_are_checked_and_a_bad_one_is_named() -> None:
+    bodies = [bytes([i]) * 600 for i in range(1, 4)]
+    records = b"".join(write_record_header(5 + i, 0, 0, len(body)) + body for i, body in enumerate(bodies))
+    crcs = [zlib.crc32(body) for body in bodies]
+    check_read_back(records, "d", 5, crcs)
+    damaged = bytearray(records)
+    damaged[-1] ^= 1
+    with pytest.raises(LogBlobError, match="sequence 7 read back from the write-ahead log fails its CRC-32") as info:
+        check_read_back(damaged, "d", 5, crcs)
+    assert info.value.disk == "d"
+    with pytest.raises(LogBlobError, match="3 records ending at sequence 7"):
+        check_read_back(records, "d", 5, crcs[:2])
+    with pytest.raises(LogBlobError, match="out of bounds or out of order"):
+        check_read_back(records, "d", 4, [None, *crcs])
 
 
 def section(bodies: list[bytes]) -> list[bytes | memoryview]:
@@ -245,7 +285,7 @@ async def test_a_full_log_disk_delays_the_ack_until_the_chunk_is_written(tmp_pat
         append = pipeline.wal.append
         failures = [OSError(errno.ENOSPC, "No space left on device")] * 2
 
-        def full_then_free(pieces: list[bytes | memoryview], last_seqs: dict[str, int]) -> int:
+        def full_then_free(pieces: list[bytes | memoryview], last_seqs: dict[str, int]) -> tuple[int, ChunkPlace]:
             if failures:
                 raise failures.pop()
             return append(pieces, last_seqs)
@@ -268,7 +308,7 @@ def hold_log_commits(pipeline: Pipeline) -> threading.Event:
     append = pipeline.wal.append
     release = threading.Event()
 
-    def held(pieces: list[bytes | memoryview], last_seqs: dict[str, int]) -> int:
+    def held(pieces: list[bytes | memoryview], last_seqs: dict[str, int]) -> tuple[int, ChunkPlace]:
         release.wait(10)
         return append(pieces, last_seqs)
 
@@ -308,6 +348,50 @@ async def test_a_linger_expiring_while_a_blob_waits_for_the_log_still_cuts_the_b
         await asyncio.sleep(0.1)  # the second batch's linger expires while the first waits for the log
         release.set()
         await wait_for(lambda: stream.uploaded_seq == 2, "both writes stored without another write or a drain")
+
+
+async def test_an_open_batch_leaves_what_the_log_holds_to_the_log(tmp_path: Path) -> None:
+    """Once committed, an open batch's records are read back from the log when it is sealed, not held:
+    with 1000 disks lingering, held payload filled the in-flight budget and cut every batch small."""
+    config = make_config(tmp_path / "data", batch={"linger_ms": 60_000})
+    async with running_pipeline(config, key=KEY) as pipeline:
+        await write_and_wait_for_ack(pipeline, range(1, 21))
+        await write_and_wait_for_ack(pipeline, range(21, 41))
+        batch = pipeline.streams["d"].open_batch
+        assert batch is not None and not batch.records and batch.payload_bytes == 40 * 4096
+        assert pipeline.inflight_bytes == 0 and batch.memory_bytes == 0, "the payload is no longer in memory"
+        runs = [(part.first_seq, part.last_seq) for part in batch.logged]  # one per commit
+        assert runs[0][0] == 1 and runs[-1][1] == 40 and all(a[1] + 1 == b[0] for a, b in itertools.pairwise(runs))
+        await pipeline.drain()
+        assert await pipeline.store.list_blobs() == [blob_name("d", 1, 40)]
+        assert await stored_writes(pipeline) == {seq: bytes([seq % 256]) * 4096 for seq in range(1, 41)}
+
+
+async def test_a_record_read_back_damaged_is_not_sealed_and_the_seal_is_retried(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The read-back is not authenticated (the chunk's tag covers other disks' records too), so each write
+    is checked against the agent's CRC-32: damage is named, never sealed into a blob, and the seal retried."""
+    config = make_config(tmp_path / "data", batch={"linger_ms": 60_000}, upload={"retry_initial_ms": 20})
+    async with running_pipeline(config, key=KEY) as pipeline:
+        await write_and_wait_for_ack(pipeline, range(1, 4))
+        batch = pipeline.streams["d"].open_batch
+        assert batch is not None and len(batch.logged) == 1
+        place = batch.logged[0].place
+        at = place.file_offset + place.length - 1  # the last byte of write 3
+        fd = os.open(place.path, os.O_RDWR)
+        try:
+            good = os.pread(fd, 1, at)
+            os.pwrite(fd, bytes([good[0] ^ 0x40]), at)
+            drained = asyncio.create_task(pipeline.drain())
+            await wait_for(lambda: pipeline.stats.spool_errors >= 2, "the seal failing twice")
+            assert await pipeline.store.list_blobs() == [] and not drained.done()
+            os.pwrite(fd, good, at)
+        finally:
+            os.close(fd)
+        await asyncio.wait_for(drained, 10)
+        assert "cannot seal blob d/" in caplog.text
+        assert "sequence 3 read back from the write-ahead log fails its CRC-32" in caplog.text
+        assert await stored_writes(pipeline) == {seq: bytes([seq % 256]) * 4096 for seq in range(1, 4)}
 
 
 async def test_a_spooled_blob_a_kill_left_in_the_page_cache_is_synced_before_it_counts(
