@@ -133,7 +133,8 @@ class DiskHealth:
     last_point_seq: int | None = None
     last_point_kind: str | None = None
     last_point_source_us: int | None = None
-    failure: str | None = None  # why the applier stopped this disk
+    failure: str | None = None  # why replication of this disk stopped
+    stopped_at: str = "apply"  # the stage that stopped it: the applier on a bad blob, or ingest (its log)
     observed: tuple[str, ...] = ()  # "server", "applier" and/or "applier process" (serve's child)
 
     @property
@@ -299,12 +300,14 @@ class Monitor:
                 oldest["apply"] = unapplied
             if stream.apply_failure is not None:
                 h.failure = stream.apply_failure
+        if stream is not None and stream.log_failure is not None:
+            h.failure, h.stopped_at = stream.log_failure, "ingest"
         h.observed = tuple(observed)
         if oldest:
             h.stage = min(oldest, key=lambda stage: (oldest[stage], STAGES.index(stage)))
             h.recoverable_lag_s = _lag_s(now_us, oldest[h.stage])
         if h.failure is not None:
-            h.stage = "apply"  # nothing more of this disk becomes recoverable until the operator acts
+            h.stage = h.stopped_at  # nothing more of this disk becomes recoverable until the operator acts
         rate = self._rates.get(disk)
         h.churn_bps = rate.rate() if rate is not None else 0.0
         return h
@@ -329,7 +332,9 @@ class Monitor:
         healths = self.snapshot()
         for h in healths:
             if h.failure is not None:
-                reasons.append(f"disk {h.disk!r}: applier stopped the disk on a bad log blob ({h.failure})")
+                stopper = "the applier stopped the disk on a bad log blob" if h.stopped_at == "apply" else \
+                    "the server stopped the disk"
+                reasons.append(f"disk {h.disk!r}: {stopper} ({h.failure})")
         if self._upload_failing_since is not None:
             failing = time.monotonic() - self._upload_failing_since
             if failing >= self.upload_failing_s:
@@ -558,7 +563,8 @@ class MonitorCollector(Collector):
                                   "1 for the stage holding the disk's oldest unrecoverable write.",
                                   labels=["disk", "stage"])
         stopped = GaugeMetricFamily("blockferry_disk_stopped",
-                                    "1 if the applier stopped the disk on a bad log blob.", labels=["disk"])
+                                    "1 if replication of the disk stopped: the applier found a bad log blob, or "
+                                    "the server cannot read its write-ahead log back.", labels=["disk"])
         for h in healths:
             for s in STAGES:
                 stage.add_metric([h.disk, s], float(h.stage == s))

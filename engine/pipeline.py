@@ -48,7 +48,7 @@ from protocol.logblob import (
     tag_record,
     write_record_header,
 )
-from protocol.wal import WalSealer, WalSection, check_read_back
+from protocol.wal import WalSealer, WalSection, check_read_back, headers_crc
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ UPLOAD_GROUP = 64  # blobs one upload worker takes from the queue at once, uploa
 GROUPED_UPLOAD_GROUP = 512
 SPOOL_IO_THREADS = 16  # spool writes in flight at once
 WATERMARK_SAVE_INTERVAL_S = 0.1  # upload watermarks are saved at most this often
+READ_BACK_ATTEMPTS = 3  # reads of logged records that fail before their disk is stopped
 
 
 async def put_files(store: CacheStore, items: list[tuple[str, Path]]) -> list[tuple[tuple[str, Path], Exception]]:
@@ -109,6 +110,7 @@ class LoggedRecords(NamedTuple):
     first_seq: int
     last_seq: int
     checksums: tuple[int | None, ...]
+    headers_crc: int  # protocol.wal.headers_crc of the records
 
 
 @dataclass
@@ -154,6 +156,7 @@ class DiskStream:
         self.applied_seq: int | None = None
         self._stored_at_start = durable_seq
         self.apply_failure: str | None = None
+        self.log_failure: str | None = None  # its logged records cannot be read back: stopped, needs a resync
 
     def note_applied(self, seq: int) -> None:
         if seq > (self.applied_seq or 0):
@@ -192,7 +195,7 @@ class DiskStream:
 
     @property
     def backlog_bytes(self) -> int:
-        """Bytes on the server not yet in the cache store (payload in memory, sealed in the spool)."""
+        """Bytes on the server not yet in the cache store (payload to seal, sealed in the spool)."""
         return sum(b.size if b.sealed else b.payload_bytes for b in self.batches())
 
     def check_write(self, write: Write) -> None:
@@ -212,7 +215,11 @@ class DiskStream:
             )
 
     def check_sequence(self, seq: int) -> bool:
-        """True if ``seq`` is the next one; False for a duplicate; raises on a gap."""
+        """True if ``seq`` is the next one; False for a duplicate; raises on a gap, or if the disk was
+        stopped."""
+        if self.log_failure is not None:
+            raise RemoteProtocolError(ErrorCode.INTERNAL, f"replication of this disk stopped: {self.log_failure}",
+                                      disk=self.info.disk, seq=seq)
         if seq <= self.accepted_seq:
             return False
         if seq != self.accepted_seq + 1:
@@ -384,10 +391,12 @@ class Pipeline:
                      count, disk, self.streams[disk].durable_seq)
 
     async def drain(self) -> None:
-        """Cut every open batch and wait until everything accepted is logged, sealed and uploaded."""
+        """Cut every open batch and wait until everything accepted is logged, sealed and uploaded (but
+        for disks stopped on a log that cannot be read back: what they hold never will be)."""
         for stream in self.streams.values():
             self._cut(stream)
-        while self.unlogged_records or any(s.sealing or s.uploading for s in self.streams.values()):
+        while self.unlogged_records or any((s.sealing or s.uploading) and s.log_failure is None
+                                           for s in self.streams.values()):
             await asyncio.sleep(0.01)
 
     async def close(self) -> None:
@@ -397,13 +406,14 @@ class Pipeline:
             if stream.linger is not None:
                 stream.linger.cancel()
                 stream.linger = None
-        if self._committer is not None:
-            await asyncio.to_thread(self._committer.close)
         for task in [*self._uploaders, *self._tasks]:  # a seal may be retrying a full spool for good
             task.cancel()
         await asyncio.gather(*self._uploaders, *self._tasks, return_exceptions=True)
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        self._spool_executor.shutdown(wait=True, cancel_futures=True)
+        # the seal threads first: they may be reading the log back, and closing it closes their descriptors
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        await asyncio.to_thread(self._spool_executor.shutdown, wait=True, cancel_futures=True)
+        if self._committer is not None:
+            await asyncio.to_thread(self._committer.close)
 
     # ------------------------------------------------------------ ingest
 
@@ -504,7 +514,8 @@ class Pipeline:
         size = sum(record.size for record in moved)
         # the run ends the entry's records, so it starts where they end less its size
         batch.logged.append(LoggedRecords(place.range(entry.offset + entry.size - size, size), moved[0].seq,
-                                          moved[-1].seq, tuple(record.checksum for record in moved)))
+                                          moved[-1].seq, tuple(record.checksum for record in moved),
+                                          headers_crc(record.pieces[0] for record in moved)))
         payload = sum(record.payload for record in moved)
         batch.memory_bytes -= payload
         self.inflight_bytes -= payload
@@ -574,16 +585,19 @@ class Pipeline:
             self._spool_executor.submit(
                 lambda: loop.call_soon_threadsafe(_settle, spooled, (sealed, try_write(sealed))))
 
-        while True:
+        for attempt in range(1, READ_BACK_ATTEMPTS + 1):
             spooled: asyncio.Future[tuple[memoryview, Path | OSError]] = loop.create_future()
             self._executor.submit(seal_and_write, spooled)
             try:
                 sealed, written = await spooled
                 break
-            except (OSError, LogBlobError) as exc:  # reading the log back: the log still holds the writes
+            except ReadBackError as exc:
+                self.stats.spool_errors += 1
+                if attempt == READ_BACK_ATTEMPTS:
+                    self._stop_disk(stream, batch, exc)
+                    return
                 delay = next(delays)
                 log.error("spool: cannot seal blob %s: %s; retrying in %.1fs", batch.name, exc, delay)
-                self.stats.spool_errors += 1
                 await asyncio.sleep(delay)
         while isinstance(written, OSError):  # spool disk full or failing: the log holds the writes; keep trying
             delay = next(delays)
@@ -633,11 +647,24 @@ class Pipeline:
         return self.sealer.seal(records, header, self._nonces(), out=buffer)
 
     def _read_back(self, disk: str, logged: LoggedRecords) -> bytes:
-        """Worker thread: records from the log, each write checked against the agent's CRC-32 (the read
-        is not authenticated: the chunk's tag covers the whole chunk, which holds other disks' records)."""
-        records = self.wal.read(logged.place)
-        check_read_back(records, disk, logged.first_seq, logged.checksums)
+        """Worker thread: records from the log, checked against the CRC-32s kept for them (the read is
+        not authenticated: the chunk's tag covers the whole chunk, which holds other disks' records)."""
+        place = logged.place
+        try:
+            records = self.wal.read(place)
+            check_read_back(records, disk, logged.first_seq, logged.checksums, logged.headers_crc)
+        except (OSError, LogBlobError) as exc:
+            raise ReadBackError(f"{exc} (sequences {logged.first_seq}-{logged.last_seq}, {place.length} bytes at "
+                                f"offset {place.file_offset} of {place.path})") from exc
         return records
+
+    def _stop_disk(self, stream: DiskStream, batch: Batch, exc: Exception) -> None:
+        """Acknowledged writes of this disk are lost from the log (damage the read-back keeps finding): stop
+        taking its writes, say so, and let the other disks go on. What it still holds (this batch, the
+        ones after it) stays unstored and keeps its log segments — bounded, since nothing is added."""
+        stream.log_failure = f"its write-ahead log cannot be read back from sequence {batch.first_seq}: {exc}"
+        log.critical("disk %r: %s; its writes are no longer accepted and it needs a full resync",
+                     stream.info.disk, stream.log_failure)
 
     # ------------------------------------------------------------ upload
 
@@ -761,6 +788,10 @@ class Pipeline:
                 listener.pause_reading()
             else:
                 listener.resume_reading()
+
+
+class ReadBackError(Exception):
+    """Records of a batch could not be read back from the write-ahead log, or not as they were logged."""
 
 
 def _settle(future: asyncio.Future[Any], outcome: object) -> None:

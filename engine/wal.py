@@ -90,7 +90,7 @@ class WriteAheadLog:
         self._next_chunk = 1
         self._lock = threading.Lock()
         self._nonces = RandomNonces()
-        self._readers: dict[Path, int] = {}  # segment -> descriptor that reads records back
+        self._readers: dict[Path, int] | None = {}  # segment -> descriptor that reads records back (None: closed)
 
     def replay(self, keys: KeyLookup, after: dict[str, int]) -> list[WalSection]:
         """At start-up: the sections the previous runs logged, in log order, except those whose disk is
@@ -189,6 +189,8 @@ class WriteAheadLog:
 
     def _reader(self, path: Path) -> int:
         with self._lock:
+            if self._readers is None:
+                raise OSError(errno.EBADF, "write-ahead log: closed", str(path))
             fd = self._readers.get(path)
             if fd is None:
                 fd = self._readers[path] = os.open(path, os.O_RDONLY)
@@ -228,7 +230,8 @@ class WriteAheadLog:
         with self._lock:
             done = [segment for segment in self._closed if segment.covered_by(watermarks)]
             self._closed = [segment for segment in self._closed if segment not in done]
-            readers = [self._readers.pop(segment.path) for segment in done if segment.path in self._readers]
+            readers = [self._readers.pop(segment.path) for segment in done
+                       if self._readers is not None and segment.path in self._readers]
         for fd in readers:
             os.close(fd)
         for segment in done:
@@ -238,7 +241,7 @@ class WriteAheadLog:
     def close(self) -> None:
         with self._lock:
             self._close_open()
-            readers, self._readers = list(self._readers.values()), {}
+            readers, self._readers = list((self._readers or {}).values()), None
         for fd in readers:
             os.close(fd)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -30,6 +30,7 @@ from protocol.logblob import (
     GCM_TAG_SIZE,
     KEY_SIZE,
     NONCE_SIZE,
+    RECORD_HEADER,
     BlobHeader,
     KeyLookup,
     WriteRecord,
@@ -185,14 +186,36 @@ def _sections(plaintext: memoryview, number: int, name: str | None) -> list[WalS
     return sections
 
 
-def check_read_back(records: bytes | memoryview, disk: str, first_seq: int,
-                    checksums: Sequence[int | None]) -> None:
+def check_read_back(records: bytes | memoryview, disk: str, first_seq: int, checksums: Sequence[int | None],
+                    headers_crc: int) -> None:
     """Raise LogBlobError, naming the disk and sequence, unless ``records`` (read back from the log with
     :meth:`WalSealer.open_range`) are the run of sequences from ``first_seq`` that was logged: one record
-    per checksum, every write's body matching its checksum (the agent's CRC-32; None for a tag)."""
+    per checksum, every write's body matching its checksum (the agent's CRC-32; None for a tag) and the
+    rest — record headers, tags whole — matching ``headers_crc`` (:func:`headers_crc`). Counter mode
+    without its tag lets a damaged bit through as exactly that bit, so every byte is covered by one."""
     header = BlobHeader(disk, 0, first_seq, first_seq + len(checksums) - 1, len(checksums), 0, 0)
-    for record, checksum in zip(list(iter_records(records, header, name="(write-ahead log, read back)")),
-                                checksums):
-        if isinstance(record, WriteRecord) and checksum is not None and zlib.crc32(record.data) != checksum:
-            raise LogBlobError(f"sequence {record.seq} read back from the write-ahead log fails its CRC-32",
-                               disk=disk)
+    view = memoryview(records)
+    pos, crc = 0, 0
+    for record, checksum in zip(list(iter_records(view, header, name="(write-ahead log, read back)")), checksums):
+        if isinstance(record, WriteRecord):
+            crc = zlib.crc32(view[pos:pos + RECORD_HEADER.size], crc)
+            pos += RECORD_HEADER.size + len(record.data)
+            if checksum is not None and zlib.crc32(record.data) != checksum:
+                raise LogBlobError(f"sequence {record.seq} read back from the write-ahead log fails its CRC-32",
+                                   disk=disk)
+        else:
+            size = RECORD_HEADER.size + RECORD_HEADER.unpack_from(view, pos)[-1]
+            crc = zlib.crc32(view[pos:pos + size], crc)
+            pos += size
+    if crc != headers_crc:
+        raise LogBlobError(f"sequences {first_seq}-{header.last_seq} read back from the write-ahead log: their "
+                           "record headers fail their CRC-32", disk=disk)
+
+
+def headers_crc(records: Iterable[bytes | memoryview]) -> int:
+    """CRC-32 over the records' parts a write's own checksum does not cover: the first piece of each
+    record as the pipeline holds it (a write's header; a tag whole)."""
+    crc = 0
+    for first_piece in records:
+        crc = zlib.crc32(first_piece, crc)
+    return crc

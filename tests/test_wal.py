@@ -24,12 +24,13 @@ import engine.spool
 import engine.wal
 from engine.config import Config
 from engine.disks import DiskInfo
-from engine.pipeline import Batch, DiskStream, Pipeline
+from engine.monitor import Monitor
+from engine.pipeline import Batch, DiskStream, LoggedRecords, Pipeline
 from engine.spool import Spool
 from engine.store import LocalStore
 from engine.store.base import StoreError
 from engine.wal import ChunkPlace, WriteAheadLog
-from protocol import LogBlobError, Tag, TagKind, Write
+from protocol import LogBlobError, RemoteProtocolError, Tag, TagKind, Write
 from protocol.logblob import (
     GCM_TAG_SIZE,
     RECORD_HEADER,
@@ -48,6 +49,7 @@ from protocol.wal import (
     STREAM_BUFFER,
     WalSealer,
     check_read_back,
+    headers_crc,
     read_chunk,
     section_header,
 )
@@ -130,16 +132,21 @@ def test_records_read_back_are_checked_and_a_bad_one_is_named() -> None:
     bodies = [bytes([i]) * 600 for i in range(1, 4)]
     records = b"".join(write_record_header(5 + i, 0, 0, len(body)) + body for i, body in enumerate(bodies))
     crcs = [zlib.crc32(body) for body in bodies]
-    check_read_back(records, "d", 5, crcs)
+    headers = headers_crc(write_record_header(5 + i, 0, 0, len(body)) for i, body in enumerate(bodies))
+    check_read_back(records, "d", 5, crcs, headers)
     damaged = bytearray(records)
     damaged[-1] ^= 1
     with pytest.raises(LogBlobError, match="sequence 7 read back from the write-ahead log fails its CRC-32") as info:
-        check_read_back(damaged, "d", 5, crcs)
+        check_read_back(damaged, "d", 5, crcs, headers)
     assert info.value.disk == "d"
+    damaged = bytearray(records)
+    damaged[RECORD_HEADER.size - 5] ^= 1  # write 5's offset
+    with pytest.raises(LogBlobError, match="sequences 5-7 .* record headers fail their CRC-32"):
+        check_read_back(damaged, "d", 5, crcs, headers)
     with pytest.raises(LogBlobError, match="3 records ending at sequence 7"):
-        check_read_back(records, "d", 5, crcs[:2])
+        check_read_back(records, "d", 5, crcs[:2], headers)
     with pytest.raises(LogBlobError, match="out of bounds or out of order"):
-        check_read_back(records, "d", 4, [None, *crcs])
+        check_read_back(records, "d", 4, [None, *crcs], headers)
 
 
 def section(bodies: list[bytes]) -> list[bytes | memoryview]:
@@ -367,31 +374,86 @@ async def test_an_open_batch_leaves_what_the_log_holds_to_the_log(tmp_path: Path
         assert await stored_writes(pipeline) == {seq: bytes([seq % 256]) * 4096 for seq in range(1, 41)}
 
 
-async def test_a_record_read_back_damaged_is_not_sealed_and_the_seal_is_retried(
+def flip(path: Path, at: int, mask: int = 0x40) -> None:
+    """Flip bits of one byte of a file in place (the page cache: what a read-back sees)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ mask]), at)
+    finally:
+        os.close(fd)
+
+
+async def logged_run(pipeline: Pipeline, seqs: range) -> LoggedRecords:
+    """Write ``seqs`` of disk "d" (4 KiB each, committed in one go) and return their place in the log."""
+    release = hold_log_commits(pipeline)  # one commit for all of them
+    stream = pipeline.streams["d"]
+    for seq in seqs:
+        assert pipeline.accept_write(stream, Write.make(1, seq, 4096 * (seq - 1), bytes([seq % 256]) * 4096, seq))
+    release.set()
+    await wait_for(lambda: stream.durable_seq == seqs[-1], "the commit")
+    assert stream.open_batch is not None and len(stream.open_batch.logged) == 1
+    return stream.open_batch.logged[0]
+
+
+async def test_a_record_read_back_damaged_once_is_not_sealed_and_the_seal_is_retried(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The read-back is not authenticated (the chunk's tag covers other disks' records too), so each write
     is checked against the agent's CRC-32: damage is named, never sealed into a blob, and the seal retried."""
-    config = make_config(tmp_path / "data", batch={"linger_ms": 60_000}, upload={"retry_initial_ms": 20})
+    config = make_config(tmp_path / "data", batch={"linger_ms": 60_000}, upload={"retry_initial_ms": 500})
     async with running_pipeline(config, key=KEY) as pipeline:
-        await write_and_wait_for_ack(pipeline, range(1, 4))
-        batch = pipeline.streams["d"].open_batch
-        assert batch is not None and len(batch.logged) == 1
-        place = batch.logged[0].place
+        place = (await logged_run(pipeline, range(1, 4))).place
         at = place.file_offset + place.length - 1  # the last byte of write 3
-        fd = os.open(place.path, os.O_RDWR)
-        try:
-            good = os.pread(fd, 1, at)
-            os.pwrite(fd, bytes([good[0] ^ 0x40]), at)
-            drained = asyncio.create_task(pipeline.drain())
-            await wait_for(lambda: pipeline.stats.spool_errors >= 2, "the seal failing twice")
-            assert await pipeline.store.list_blobs() == [] and not drained.done()
-            os.pwrite(fd, good, at)
-        finally:
-            os.close(fd)
+        flip(place.path, at)
+        drained = asyncio.create_task(pipeline.drain())
+        await wait_for(lambda: pipeline.stats.spool_errors, "the seal failing")
+        assert await pipeline.store.list_blobs() == [] and not drained.done()
+        flip(place.path, at)  # the next attempt reads it as it was logged
         await asyncio.wait_for(drained, 10)
+        assert pipeline.stats.spool_errors == 1 and pipeline.streams["d"].log_failure is None
         assert "cannot seal blob d/" in caplog.text
         assert "sequence 3 read back from the write-ahead log fails its CRC-32" in caplog.text
+        assert f"(sequences 1-3, {place.length} bytes at offset {place.file_offset} of {place.path})" in caplog.text
         assert await stored_writes(pipeline) == {seq: bytes([seq % 256]) * 4096 for seq in range(1, 4)}
+
+
+async def test_a_damaged_record_header_is_caught_too(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Counter mode passes a damaged bit through as exactly that bit: a write's offset must not change
+    unnoticed (it would be applied elsewhere on the replica)."""
+    config = make_config(tmp_path / "data", batch={"linger_ms": 60_000}, upload={"retry_initial_ms": 500})
+    async with running_pipeline(config, key=KEY) as pipeline:
+        place = (await logged_run(pipeline, range(1, 4))).place
+        offset_field = place.file_offset + RECORD_HEADER.size + 4096 + 20  # write 2's offset
+        flip(place.path, offset_field, 0x10)
+        drained = asyncio.create_task(pipeline.drain())
+        await wait_for(lambda: pipeline.stats.spool_errors, "the seal failing")
+        flip(place.path, offset_field, 0x10)
+        await asyncio.wait_for(drained, 10)
+        assert "sequences 1-3 read back from the write-ahead log: their record headers fail their CRC-32" in caplog.text
+        header, records = open_blob(await pipeline.store.get(blob_name("d", 1, 3)), keys)
+        assert [r.offset for r in iter_records(records, header) if isinstance(r, WriteRecord)] == [0, 4096, 8192]
+
+
+async def test_a_log_that_stays_damaged_stops_its_disk_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Retrying for good would keep the disk's later blobs and log segments until the spool filled and
+    ingest paused for every disk: the disk is stopped, named in /healthz, and the others go on."""
+    config = make_config(tmp_path / "data", batch={"linger_ms": 60_000}, upload={"retry_initial_ms": 20})
+    async with running_pipeline(config, key=KEY) as pipeline:
+        place = (await logged_run(pipeline, range(1, 4))).place
+        flip(place.path, place.file_offset + 10)  # inside write 1's header
+        other = pipeline.stream(DiskInfo("e", "agent-1", 1 << 20, 4096))
+        await pipeline.drain()  # d's batch gives up; nothing of it is stored
+        stream = pipeline.streams["d"]
+        assert stream.log_failure is not None and "from sequence 1" in stream.log_failure
+        assert pipeline.stats.spool_errors == engine.pipeline.READ_BACK_ATTEMPTS
+        assert "disk 'd': its write-ahead log cannot be read back from sequence 1" in caplog.text
+        with pytest.raises(RemoteProtocolError, match="replication of this disk stopped") as refused:
+            pipeline.accept_write(stream, Write.make(1, 4, 0, bytes(4096), 4))
+        assert (refused.value.disk, refused.value.seq) == ("d", 4)
+        assert pipeline.accept_write(other, Write.make(1, 1, 0, bytes(4096), 1))
+        await pipeline.drain()
+        assert await pipeline.store.list_blobs() == [blob_name("e", 1, 1)]
+        healthy, reasons = Monitor(config, pipeline, None).healthy()
+        assert not healthy and reasons[0].startswith("disk 'd': the server stopped the disk (its write-ahead log")
 
 
 async def test_a_spooled_blob_a_kill_left_in_the_page_cache_is_synced_before_it_counts(
