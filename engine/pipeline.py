@@ -59,6 +59,7 @@ UPLOAD_GROUP = 64  # blobs one upload worker takes from the queue at once, uploa
 GROUPED_UPLOAD_GROUP = 512
 SPOOL_IO_THREADS = 16  # spool writes in flight at once
 WATERMARK_SAVE_INTERVAL_S = 0.1  # upload watermarks are saved at most this often
+SMALL_BATCH_LINGER = 4  # a batch below batch.min_bytes lingers up to this many times batch.linger_ms
 READ_BACK_ATTEMPTS = 3  # reads of logged records that fail before their disk is stopped
 
 
@@ -122,6 +123,7 @@ class Batch:
     last_seq: int = 0
     payload_bytes: int = 0
     memory_bytes: int = 0  # payload of ``records``: what counts against pipeline.max_inflight_bytes
+    overdue: bool = False  # its linger ended below batch.min_bytes: cut once it reaches them
     last_source_us: int = 0
     sealed: bool = False
     uploaded: bool = False
@@ -272,6 +274,7 @@ class Pipeline:
         self._max_inflight = int(config.pipeline.max_inflight_bytes)
         self._max_batch = int(config.batch.max_bytes)
         self._linger = config.batch.linger_ms / 1000
+        self._min_batch = min(int(config.batch.min_bytes), self._max_batch)
         self._upload_group = GROUPED_UPLOAD_GROUP if hasattr(store, "put_files") else UPLOAD_GROUP
 
     # ------------------------------------------------------------ lifecycle
@@ -442,7 +445,8 @@ class Pipeline:
         batch = self._batch_for(stream, seq)
         batch.records.append(Record(seq, pieces, sum(map(len, pieces)), size, checksum))
         self._added(stream, batch, seq, timestamp_us, size)
-        if ends_batch or batch.payload_bytes >= self._max_batch:
+        if (ends_batch or batch.payload_bytes >= self._max_batch
+                or (batch.overdue and batch.payload_bytes >= self._min_batch)):
             self._cut(stream)
 
     def _batch_for(self, stream: DiskStream, seq: int) -> Batch:
@@ -543,8 +547,17 @@ class Pipeline:
     def _linger_expired(self, stream: DiskStream) -> None:
         """Group commit: while a seal of this disk is in flight the batch keeps filling, and is cut
         when that seal completes. Under load this makes batches (and files) fewer and larger instead
-        of one tiny blob per linger interval; at low load it changes nothing."""
+        of one tiny blob per linger interval; at low load it changes nothing.
+
+        A batch still below ``batch.min_bytes`` waits longer (up to SMALL_BATCH_LINGER lingers), and
+        is cut as soon as it reaches them (``_append``): slow disks make fewer, larger blobs."""
         stream.linger = None
+        batch = stream.open_batch
+        if batch is not None and not batch.overdue and batch.payload_bytes < self._min_batch:
+            batch.overdue = True
+            stream.linger = asyncio.get_running_loop().call_later(
+                (SMALL_BATCH_LINGER - 1) * self._linger, self._linger_expired, stream)
+            return
         if stream.seal_in_flight:
             stream.cut_when_sealed = True
         else:

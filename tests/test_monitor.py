@@ -128,6 +128,7 @@ async def test_rpo_alert_fires_once_when_apply_falls_behind_and_clears_once(
     async with WebhookReceiver().serving() as hook:
         # The applier folds at most one group per 2.5 s, so a write arriving just after a group waits ~2.5 s.
         cfg = make_config(data, policy={"rpo_threshold_s": 0.3, "crash_point_interval_ms": 2500},
+                          batch={"min_bytes": 0},  # stored at once: what is behind is the applier
                           alerts={"webhook_url": hook.url, "webhook_timeout_s": 2})
         async with ProcessServer(cfg, control_plane=False) as ps:
             assert ps.applier is not None and ps.connect_info is not None
