@@ -65,7 +65,8 @@ class AgentConnection(asyncio.Protocol):
         self.streams: dict[int, DiskStream] = {}
         self.handles: dict[str, int] = {}  # disk → handle, for acks
         self.peer = "?"
-        self.last_seen = time.monotonic()
+        self.last_seen = time.monotonic()  # of the agent's last bytes, less the time we were not reading
+        self._paused_at: float | None = None
         self._pending_acks: dict[int, int] = {}
         self._ack_scheduled = False
         self._closing = False
@@ -85,7 +86,7 @@ class AgentConnection(asyncio.Protocol):
         self.ctx.connections.add(self)
         self.ctx.pipeline.flow_listeners.add(self)
         if self.ctx.pipeline.paused:
-            transport.pause_reading()
+            self.pause_reading()
 
     def data_received(self, data: bytes) -> None:
         self.last_seen = time.monotonic()
@@ -115,10 +116,19 @@ class AgentConnection(asyncio.Protocol):
     def pause_reading(self) -> None:
         if self.transport is not None and not self._closing:
             self.transport.pause_reading()
+            self._paused_at = time.monotonic()
 
     def resume_reading(self) -> None:
         if self.transport is not None and not self._closing:
             self.transport.resume_reading()
+            if self._paused_at is not None:  # not the agent's silence: the idle timeout must not count it
+                self.last_seen += time.monotonic() - self._paused_at
+                self._paused_at = None
+
+    def silent_s(self, now: float) -> float:
+        """How long the agent has sent nothing, not counting time this server was not reading it (under
+        backpressure a connection can wait its turn longer than the idle timeout)."""
+        return (self._paused_at if self._paused_at is not None else now) - self.last_seen
 
     # ------------------------------------------------------------ frames
 

@@ -176,8 +176,8 @@ class ProcessServer:
             now = time.monotonic()
             assert self._ctx is not None
             for conn in list(self._ctx.connections):
-                if now - conn.last_seen > cfg.idle_timeout_s:
-                    log.warning("agent %s: silent for %.0fs, closing", conn.peer, now - conn.last_seen)
+                if conn.silent_s(now) > cfg.idle_timeout_s:
+                    log.warning("agent %s: silent for %.0fs, closing", conn.peer, conn.silent_s(now))
                     conn.close()
                 else:
                     conn.heartbeat()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from support import make_config, running_pipeline
+from support import agent_for, make_config, running_pipeline
 
 from engine.pipeline import Pipeline
+from engine.server import ProcessServer
 from protocol import Write
 
 MiB = 1024 * 1024
@@ -47,3 +48,55 @@ async def test_reading_pauses_at_the_limit_and_resumes_below_three_quarters(tmp_
     assert all(inflight >= LIMIT for inflight in pauses), pauses
     assert all(inflight < LIMIT * 3 // 4 for inflight in resumes), resumes
     assert [event for event, _ in recorder.events] == ["pause", "resume"] * len(pauses), "strictly alternating"
+
+
+class Order:
+    """Flow listeners that note the order they are resumed in."""
+
+    def __init__(self, count: int) -> None:
+        self.resumed: list[int] = []
+        self.listeners = [self._listener(i) for i in range(count)]
+
+    def _listener(self, index: int) -> object:
+        order = self
+
+        class Listener:
+            def pause_reading(self) -> None:
+                pass
+
+            def resume_reading(self) -> None:
+                order.resumed.append(index)
+
+        return Listener()
+
+
+async def test_connections_are_resumed_in_a_new_order_each_time(tmp_path: Path) -> None:
+    """A resumed socket with data waiting is ready at once and the loop serves ready sockets in that order:
+    resumed always in the same order, the last of 1000 agents waited a whole run for an acknowledgement."""
+    async with running_pipeline(make_config(tmp_path / "data")) as pipeline:
+        order = Order(10)
+        pipeline.flow_listeners.update(order.listeners)  # type: ignore[arg-type]
+        for _ in range(20):
+            pipeline._set_paused(True)
+            pipeline._set_paused(False)
+    rounds = [order.resumed[i:i + 10] for i in range(0, 200, 10)]
+    assert all(sorted(r) == list(range(10)) for r in rounds), "everyone resumed every time"
+    assert len({r[0] for r in rounds}) > 1, "not always the same one first"
+
+
+async def test_a_connection_paused_longer_than_the_idle_timeout_is_not_closed(tmp_path: Path) -> None:
+    """The idle timeout is for agents gone silent, not for the time this server did not read them."""
+    data = tmp_path / "data"
+    config = make_config(data, server={"heartbeat_s": 0.05, "idle_timeout_s": 0.3})
+    async with ProcessServer(config, control_plane=False) as server:
+        assert server.connect_info is not None and server._ctx is not None
+        async with agent_for(data, server.connect_info.port) as agent:
+            disk = await asyncio.wait_for(agent.open_disk("paused", MiB), 10)
+            await asyncio.wait_for(await disk.write(0, b"a" * 4096), 10)
+            connections = set(server._ctx.connections)
+            server.pipeline._set_paused(True)
+            written = await disk.write(4096, b"b" * 4096)  # waits in the socket
+            await asyncio.sleep(1.0)  # twenty heartbeats, more than three idle timeouts
+            server.pipeline._set_paused(False)
+            await asyncio.wait_for(written, 10)
+            assert server._ctx.connections == connections, "the connection was never closed for silence"
