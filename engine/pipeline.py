@@ -60,7 +60,7 @@ GROUPED_UPLOAD_GROUP = 512
 SPOOL_IO_THREADS = 16  # spool writes in flight at once
 WATERMARK_SAVE_INTERVAL_S = 0.1  # upload watermarks are saved at most this often
 SMALL_BATCH_LINGER = 4  # a batch below batch.min_bytes lingers up to this many times batch.linger_ms
-READ_BACK_ATTEMPTS = 3  # reads of logged records that fail before their disk is stopped
+READ_BACK_ATTEMPTS = 3  # reads of logged records that do not match what was logged before their disk stops
 
 
 async def put_files(store: CacheStore, items: list[tuple[str, Path]]) -> list[tuple[tuple[str, Path], Exception]]:
@@ -220,8 +220,8 @@ class DiskStream:
         """True if ``seq`` is the next one; False for a duplicate; raises on a gap, or if the disk was
         stopped."""
         if self.log_failure is not None:
-            raise RemoteProtocolError(ErrorCode.INTERNAL, f"replication of this disk stopped: {self.log_failure}",
-                                      disk=self.info.disk, seq=seq)
+            raise RemoteProtocolError(ErrorCode.DISK_NOT_ALLOWED, f"replication of this disk stopped: "
+                                      f"{self.log_failure}", disk=self.info.disk, seq=seq)
         if seq <= self.accepted_seq:
             return False
         if seq != self.accepted_seq + 1:
@@ -598,7 +598,9 @@ class Pipeline:
             self._spool_executor.submit(
                 lambda: loop.call_soon_threadsafe(_settle, spooled, (sealed, try_write(sealed))))
 
-        for attempt in range(1, READ_BACK_ATTEMPTS + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             spooled: asyncio.Future[tuple[memoryview, Path | OSError]] = loop.create_future()
             self._executor.submit(seal_and_write, spooled)
             try:
@@ -606,7 +608,9 @@ class Pipeline:
                 break
             except ReadBackError as exc:
                 self.stats.spool_errors += 1
-                if attempt == READ_BACK_ATTEMPTS:
+                if isinstance(exc.__cause__, OSError):  # may pass (EMFILE, ENOMEM, EIO): like a spool write
+                    attempt = 0
+                elif attempt == READ_BACK_ATTEMPTS:  # read, but not as logged, each time
                     self._stop_disk(stream, batch, exc)
                     return
                 delay = next(delays)
@@ -673,8 +677,12 @@ class Pipeline:
 
     def _stop_disk(self, stream: DiskStream, batch: Batch, exc: Exception) -> None:
         """Acknowledged writes of this disk are lost from the log (damage the read-back keeps finding): stop
-        taking its writes, say so, and let the other disks go on. What it still holds (this batch, the
-        ones after it) stays unstored and keeps its log segments — bounded, since nothing is added."""
+        taking its writes (the refusal stops its agent, as for a committed failover) and say so; other
+        agents go on. What it still holds (this batch, the ones after it) stays unstored and keeps its
+        log segments and its memory — bounded, since nothing is added. Not persisted: a restart replays
+        the log, where the damage shows as a hole in the disk's sequence."""
+        if stream.log_failure is not None:  # a later batch of the same disk: the first one is the news
+            return
         stream.log_failure = f"its write-ahead log cannot be read back from sequence {batch.first_seq}: {exc}"
         log.critical("disk %r: %s; its writes are no longer accepted and it needs a full resync",
                      stream.info.disk, stream.log_failure)

@@ -194,7 +194,7 @@ class ProcessServer:
         assert self.pipeline is not None
         await self.pipeline.drain()
         if self.applier_process is not None:
-            while not all((s.applied_seq or 0) >= s.durable_seq or s.apply_failure is not None
+            while not all((s.applied_seq or 0) >= s.durable_seq or s.apply_failure or s.log_failure
                           for s in self.pipeline.streams.values()):
                 await asyncio.sleep(0.02)
         if self.applier is not None:
@@ -203,7 +203,7 @@ class ProcessServer:
                     await self.applier.apply_available(force=True)
                 except StoreError as exc:  # transient: the store will answer again
                     log.warning("drain: cache store unavailable (%s); retrying", exc)
-                if all(self.applier.applied_seq(d) >= s.durable_seq or d in self.applier.failures
+                if all(self.applier.applied_seq(d) >= s.durable_seq or d in self.applier.failures or s.log_failure
                        for d, s in self.pipeline.streams.items()):
                     return
                 await asyncio.sleep(0.02)

@@ -29,7 +29,7 @@ from engine.pipeline import Batch, DiskStream, LoggedRecords, Pipeline
 from engine.spool import Spool
 from engine.store import LocalStore
 from engine.store.base import StoreError
-from engine.wal import ChunkPlace, WriteAheadLog
+from engine.wal import ChunkPlace, LogRange, WriteAheadLog
 from protocol import LogBlobError, RemoteProtocolError, Tag, TagKind, Write
 from protocol.logblob import (
     GCM_TAG_SIZE,
@@ -458,6 +458,28 @@ async def test_a_damaged_record_header_is_caught_too(tmp_path: Path, caplog: pyt
         assert "sequences 1-3 read back from the write-ahead log: their record headers fail their CRC-32" in caplog.text
         header, records = open_blob(await pipeline.store.get(blob_name("d", 1, 3)), keys)
         assert [r.offset for r in iter_records(records, header) if isinstance(r, WriteRecord)] == [0, 4096, 8192]
+
+
+async def test_a_read_back_that_fails_for_a_while_is_retried_without_stopping_the_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of descriptors (1000 agents' sockets count too) or a passing I/O error is not damage: retried
+    like a spool write, for as long as it takes."""
+    config = make_config(tmp_path / "data", batch={"linger_ms": 60_000}, upload={"retry_initial_ms": 1})
+    async with running_pipeline(config, key=KEY) as pipeline:
+        await logged_run(pipeline, range(1, 4))
+        read = pipeline.wal.read
+        failures = [OSError(errno.EMFILE, "Too many open files")] * (2 * engine.pipeline.READ_BACK_ATTEMPTS)
+
+        def failing_for_a_while(logged: LogRange) -> bytes:
+            if failures:
+                raise failures.pop()
+            return read(logged)
+
+        monkeypatch.setattr(pipeline.wal, "read", failing_for_a_while)
+        await asyncio.wait_for(pipeline.drain(), 10)
+        assert pipeline.streams["d"].log_failure is None
+        assert pipeline.stats.spool_errors == 2 * engine.pipeline.READ_BACK_ATTEMPTS
+        assert sorted(await stored_writes(pipeline)) == [1, 2, 3]
 
 
 async def test_a_log_that_stays_damaged_stops_its_disk_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
