@@ -40,12 +40,15 @@ from protocol.frames import Ack
 
 log = logging.getLogger(__name__)
 
+MIN_READ_BUFFER = 32 * 1024  # a connection's receive buffer however many share server.read_buffers_total_bytes
+
 
 class IngestContext:
     """What every connection shares: the pipeline, who may connect, which disks exist."""
 
     def __init__(self, pipeline: Pipeline, agents: AgentRegistry, disks: DiskRegistry,
-                 is_committed: Callable[[str], bool], *, server_name: str, max_frame: int, read_buffer: int) -> None:
+                 is_committed: Callable[[str], bool], *, server_name: str, max_frame: int, read_buffer: int,
+                 read_buffers_total: int) -> None:
         self.pipeline = pipeline
         self.is_committed = is_committed
         self.agents = agents
@@ -53,7 +56,22 @@ class IngestContext:
         self.server_name = server_name
         self.max_frame = max_frame
         self.read_buffer = read_buffer
+        self.read_buffers_total = read_buffers_total
         self.connections: set[AgentConnection] = set()
+
+    def read_buffer_size(self) -> int:
+        """A connection's receive buffer: ``read_buffer``, or its share of ``read_buffers_total`` among
+        the connections, at least MIN_READ_BUFFER."""
+        share = self.read_buffers_total // max(1, len(self.connections))
+        return max(MIN_READ_BUFFER, min(self.read_buffer, share))
+
+    def add(self, connection: AgentConnection) -> None:
+        """Each new connection gets its share; whenever their number doubles, every connection is given
+        the new share, so that those that came first do not keep the buffers of a quieter time."""
+        self.connections.add(connection)
+        count = len(self.connections)
+        for each in self.connections if count & (count - 1) == 0 else (connection,):
+            each.set_read_buffer(self.read_buffer_size())
 
 
 class AgentConnection(asyncio.Protocol):
@@ -77,13 +95,7 @@ class AgentConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.ctx.read_buffer)
-            except OSError:
-                pass
-        self.ctx.connections.add(self)
+        self.ctx.add(self)
         self.ctx.pipeline.flow_listeners.add(self)
         if self.ctx.pipeline.paused:
             self.pause_reading()
@@ -124,6 +136,14 @@ class AgentConnection(asyncio.Protocol):
             if self._paused_at is not None:  # not the agent's silence: the idle timeout must not count it
                 self.last_seen += time.monotonic() - self._paused_at
                 self._paused_at = None
+
+    def set_read_buffer(self, size: int) -> None:
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+            except OSError:
+                pass  # the kernel's default then: a smaller buffer is an optimisation, not a condition
 
     def silent_s(self, now: float) -> float:
         """How long the agent has sent nothing, not counting time this server was not reading it (under

@@ -142,7 +142,8 @@ class ProcessServer:
             self.pipeline.stored_listeners.append(self.applier.notify)
         self._ctx = IngestContext(self.pipeline, agents, disks, self._is_committed, server_name=cfg.server.name,
                                   max_frame=int(cfg.server.max_frame_bytes),
-                                  read_buffer=int(cfg.server.read_buffer_bytes))
+                                  read_buffer=int(cfg.server.read_buffer_bytes),
+                                  read_buffers_total=int(cfg.server.read_buffers_total_bytes))
         loop = asyncio.get_running_loop()
         ctx = self._ctx
         self._server = await loop.create_server(lambda: AgentConnection(ctx), cfg.server.listen, cfg.server.port,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from pathlib import Path
 
 from support import agent_for, make_config, running_pipeline
@@ -11,7 +13,8 @@ from engine.pipeline import Pipeline
 from engine.server import ProcessServer
 from protocol import Write
 
-MiB = 1024 * 1024
+KiB = 1024
+MiB = 1024 * KiB
 LIMIT = 8 * MiB
 
 
@@ -100,3 +103,32 @@ async def test_a_connection_paused_longer_than_the_idle_timeout_is_not_closed(tm
             server.pipeline._set_paused(False)
             await asyncio.wait_for(written, 10)
             assert server._ctx.connections == connections, "the connection was never closed for silence"
+
+
+def read_buffers(server: ProcessServer) -> list[int]:
+    assert server._ctx is not None
+    return [conn.transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            for conn in server._ctx.connections if conn.transport is not None]
+
+
+async def test_many_connections_share_the_receive_buffer_budget(tmp_path: Path) -> None:
+    """uvloop's TLS layer keeps a buffer per connection as large as a socket read can be: at 1000 agents a
+    1 MiB receive buffer each was ~170 MiB more RSS than 32 KiB, for the same throughput."""
+    data = tmp_path / "data"
+    config = make_config(data, server={"read_buffer_bytes": 128 * KiB, "read_buffers_total_bytes": 512 * KiB})
+    async with ProcessServer(config, control_plane=False) as server, contextlib.AsyncExitStack() as agents:
+        assert server.connect_info is not None
+        port = server.connect_info.port
+
+        async def connect(disk: str) -> None:  # one after another: each is told its share as it connects
+            agent = await agents.enter_async_context(agent_for(data, port))
+            await asyncio.wait_for(agent.open_disk(disk, MiB), 10)
+
+        for i in range(7):
+            await connect(f"d{i}")
+        early = sorted(read_buffers(server))
+        assert early == sorted(2 * max(32 * KiB, min(128 * KiB, 512 * KiB // k)) for k in range(1, 8)), early
+        await connect("d7")
+        buffers = read_buffers(server)
+    # the eighth halved everyone's share (the kernel reports twice what was asked: its bookkeeping)
+    assert buffers == [2 * 64 * KiB] * 8, buffers
