@@ -6,8 +6,9 @@ acknowledged once that commit is durable: an ack waits for neither lz4 nor a fil
 joins its disk's batch, modelled on aiokafka's message accumulator: a batch is cut at
 ``batch.max_bytes``, after ``batch.linger_ms`` (deferred while the disk's previous seal is in flight)
 or at a tag; sealing (lz4 then AES-256-GCM) runs on a pool sized to the cores, spool writes on their own
-pool; uploads leave in groups. What is in the cache store lets the log go. Once a commit is durable, the
-open batches drop the records it holds from memory and the seal reads them back from the log.
+pool; uploads leave in groups. What is in the cache store lets the log go. Under memory pressure (many
+disks lingering), open batches drop from memory what a durable commit put in the log, and the seal reads
+it back.
 
 Memory is bounded by ``pipeline.max_inflight_bytes`` (bytes not yet logged, or being sealed) and the
 spool (log and sealed blobs) by ``spool.max_bytes``: when either is reached the pipeline asks its flow
@@ -60,6 +61,10 @@ GROUPED_UPLOAD_GROUP = 512
 SPOOL_IO_THREADS = 16  # spool writes in flight at once
 WATERMARK_SAVE_INTERVAL_S = 0.1  # upload watermarks are saved at most this often
 SMALL_BATCH_LINGER = 4  # a batch below batch.min_bytes lingers up to this many times batch.linger_ms
+# A batch opened while the pipeline holds at least this share of pipeline.max_inflight_bytes leaves what
+# the log holds to the log. Below it, reading back is not worth its cost: at 10 agents and 150 MB/s it
+# took serve from 6.4-6.9 to 7.5-7.6 CPU s/GB and the ack p99 from 23-31 to 36 ms (docs/benchmarks.md).
+LOG_BACKED_SHARE = 0.25
 READ_BACK_ATTEMPTS = 3  # reads of logged records that do not match what was logged before their disk stops
 
 
@@ -124,6 +129,7 @@ class Batch:
     payload_bytes: int = 0
     memory_bytes: int = 0  # payload of ``records``: what counts against pipeline.max_inflight_bytes
     overdue: bool = False  # its linger ended below batch.min_bytes: cut once it reaches them
+    log_backed: bool = False  # opened under memory pressure: what is logged is read back when sealed
     last_source_us: int = 0
     sealed: bool = False
     uploaded: bool = False
@@ -453,6 +459,8 @@ class Pipeline:
         batch = stream.open_batch
         if batch is None:
             batch = stream.open_batch = Batch(stream.info.disk, seq)
+            # decided once: a batch refers to the log from its first record on, or not at all
+            batch.log_backed = self.held_bytes >= self._max_inflight * LOG_BACKED_SHARE
             loop = asyncio.get_running_loop()
             stream.linger = (loop.call_later(self._linger, self._linger_expired, stream) if self._linger
                              else loop.call_soon(self._linger_expired, stream))
@@ -490,7 +498,7 @@ class Pipeline:
             stream.durable_seq = entry.last_seq
             for listener in list(stream.listeners.values()):
                 listener(entry.disk, entry.last_seq)
-            if stream.open_batch is not None:
+            if stream.open_batch is not None and stream.open_batch.log_backed:
                 self._refer_to_log(stream.open_batch, entry, place)
             self._queue_uploads(stream)
         if self.wal.closed_segments != self._closed_segments_seen:

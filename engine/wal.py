@@ -301,8 +301,9 @@ class GroupCommitter:
     round trip between commits cost milliseconds on a busy machine.
 
     ``log`` runs on the event loop, and so do the callbacks: ``on_committed(logged, chunk_bytes, seconds,
-    place)`` (seconds: the successful append's duration; place: where the chunk went) and ``on_error(exc, retry_s)``. A failed append (full or
-    failing disk) is retried with back-off, nothing acknowledged meanwhile, and reported each time.
+    place)`` (seconds: the successful append's duration; place: where the chunk went) and
+    ``on_error(exc, retry_s)``. A failed append (full or failing disk) is retried with back-off, nothing
+    acknowledged meanwhile, and reported each time.
     """
 
     def __init__(self, wal: WriteAheadLog, loop: asyncio.AbstractEventLoop,
