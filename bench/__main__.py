@@ -119,7 +119,7 @@ def _common(f):  # the options every run subcommand shares (a click decorator st
                      help="Seconds of closed-loop fill before the applier drain [min(duration, 15)]."),
         click.option("--scaling-agents", default="1,10,100,1000", show_default=True,
                      help="Agent counts of the scaling phase."),
-        click.option("--scaling-duration", type=float, default=None, help="Seconds per scaling step [15; quick 8]."),
+        click.option("--scaling-duration", type=float, default=None, help="Seconds per scaling step [45; quick 8]."),
         click.option("--scaling-load", type=float, default=1.0, show_default=True,
                      help="Scaling offered load as a fraction of the measured maximum."),
         click.option("--scaling-rate", type=float, default=None, help="Scaling offered load in MB/s (overrides)."),
@@ -153,7 +153,7 @@ def _common(f):  # the options every run subcommand shares (a click decorator st
 QUICK = {"duration": 8.0, "warmup": 2.0, "scaling_duration": 8.0, "sample_size": "256MiB", "ceiling_seconds": 2.0,
          "drain_duration": 4.0, "open_duration": 5.0, "catch_up_timeout": 20.0, "catch_up": False,
          "pool_size": "32MiB"}
-FULL = {"duration": 30.0, "warmup": 5.0, "scaling_duration": 15.0, "sample_size": "1GiB", "ceiling_seconds": 5.0}
+FULL = {"duration": 30.0, "warmup": 5.0, "scaling_duration": 45.0, "sample_size": "1GiB", "ceiling_seconds": 5.0}
 
 
 def _execute(preset: dict, **kw: object) -> None:
@@ -200,7 +200,7 @@ def _execute(preset: dict, **kw: object) -> None:
         open_duration=pick("open_duration"),  # type: ignore[arg-type]
         drain_duration=pick("drain_duration"),  # type: ignore[arg-type]
         scaling_agents=_ints(str(kw["scaling_agents"])),
-        scaling_duration=float(pick("scaling_duration", 15.0)),  # type: ignore[arg-type]
+        scaling_duration=float(pick("scaling_duration", 45.0)),  # type: ignore[arg-type]
         scaling_load=float(kw["scaling_load"]),  # type: ignore[arg-type]
         scaling_rate=kw["scaling_rate"],  # type: ignore[arg-type]
         sample_bytes=_size(str(pick("sample_size", "1GiB"))),
@@ -227,7 +227,7 @@ def _execute(preset: dict, **kw: object) -> None:
 @main.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @_common
 def run(**kw: object) -> None:
-    """The benchmark suite (all phases by default; 5–8 minutes on 2 cores with the defaults)."""
+    """The benchmark suite (all phases by default; 7–9 minutes on 2 cores with the defaults)."""
     _execute(FULL, **kw)
 
 

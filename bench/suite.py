@@ -65,7 +65,7 @@ class SuiteOptions:
     open_duration: float | None = None
     drain_duration: float | None = None
     scaling_agents: tuple[int, ...] = (1, 10, 100, 1000)
-    scaling_duration: float = 15.0
+    scaling_duration: float = 45.0
     scaling_load: float = 1.0
     scaling_rate: float | None = None
     sample_bytes: int = 1 * GiB
