@@ -66,8 +66,9 @@ class ServerConfig(_Section):
                                                     "when many connections share read_buffers_total_bytes.")
     read_buffers_total_bytes: ByteSize = Field(
         ByteSize(32 * 1024 * 1024), ge=32 * 1024,
-        description="What all agent connections' receive buffers may add up to: a new connection gets "
-                    "read_buffer_bytes or its share of this, at least 32KiB. A socket read reaches as far as its "
+        description="About what all agent connections' receive buffers add up to (under twice this): a "
+                    "connection gets read_buffer_bytes or its share of this, at least 32KiB, and all of them "
+                    "the current share whenever their number reaches a power of two. A socket read reaches as far as its "
                     "buffer, and the TLS layer keeps a buffer per connection as large as its reads: at 1000 "
                     "agents, 1MiB each put serve at 945 MiB RSS, 32KiB at 773, at the same throughput "
                     "(docs/benchmarks.md).")

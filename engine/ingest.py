@@ -63,14 +63,24 @@ class IngestContext:
         """A connection's receive buffer: ``read_buffer``, or its share of ``read_buffers_total`` among
         the connections, at least MIN_READ_BUFFER."""
         share = self.read_buffers_total // max(1, len(self.connections))
-        return max(MIN_READ_BUFFER, min(self.read_buffer, share))
+        return min(self.read_buffer, max(MIN_READ_BUFFER, share))
 
     def add(self, connection: AgentConnection) -> None:
-        """Each new connection gets its share; whenever their number doubles, every connection is given
-        the new share, so that those that came first do not keep the buffers of a quieter time."""
+        """Each new connection gets its share; whenever their number reaches a power of two, every
+        connection is given the new share, so that those that came first do not keep the buffers of a
+        quieter time (nor, once many have gone, the small ones of a busier one). Between two such
+        points the older connections keep their larger share: the total stays under twice the budget."""
         self.connections.add(connection)
+        self._share_read_buffers(connection)
+
+    def remove(self, connection: AgentConnection) -> None:
+        self.connections.discard(connection)
+        self._share_read_buffers(None)
+
+    def _share_read_buffers(self, new: AgentConnection | None) -> None:
         count = len(self.connections)
-        for each in self.connections if count & (count - 1) == 0 else (connection,):
+        everyone = count & (count - 1) == 0
+        for each in self.connections if everyone else ([new] if new is not None else []):
             each.set_read_buffer(self.read_buffer_size())
 
 
@@ -120,7 +130,7 @@ class AgentConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
-        self.ctx.connections.discard(self)
+        self.ctx.remove(self)
         self.ctx.pipeline.flow_listeners.discard(self)
         for stream in self.streams.values():
             stream.listeners.pop(self, None)
@@ -128,7 +138,8 @@ class AgentConnection(asyncio.Protocol):
     def pause_reading(self) -> None:
         if self.transport is not None and not self._closing:
             self.transport.pause_reading()
-            self._paused_at = time.monotonic()
+            if self._paused_at is None:
+                self._paused_at = time.monotonic()
 
     def resume_reading(self) -> None:
         if self.transport is not None and not self._closing:
@@ -142,7 +153,7 @@ class AgentConnection(asyncio.Protocol):
         if sock is not None:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
-            except OSError:
+            except (OSError, ValueError):  # ValueError: a socket closed under us (uvloop: fd -1)
                 pass  # the kernel's default then: a smaller buffer is an optimisation, not a condition
 
     def silent_s(self, now: float) -> float:

@@ -7,8 +7,10 @@ import contextlib
 import socket
 from pathlib import Path
 
-from support import agent_for, make_config, running_pipeline
+from support import agent_for, make_config, running_pipeline, wait_for
 
+from engine.agent import Agent
+from engine.ingest import IngestContext
 from engine.pipeline import Pipeline
 from engine.server import ProcessServer
 from protocol import Write
@@ -116,19 +118,36 @@ async def test_many_connections_share_the_receive_buffer_budget(tmp_path: Path) 
     1 MiB receive buffer each was ~170 MiB more RSS than 32 KiB, for the same throughput."""
     data = tmp_path / "data"
     config = make_config(data, server={"read_buffer_bytes": 128 * KiB, "read_buffers_total_bytes": 512 * KiB})
-    async with ProcessServer(config, control_plane=False) as server, contextlib.AsyncExitStack() as agents:
-        assert server.connect_info is not None
+    async with ProcessServer(config, control_plane=False) as server, contextlib.AsyncExitStack() as stack:
+        assert server.connect_info is not None and server._ctx is not None
         port = server.connect_info.port
+        agents: list[Agent] = []
 
         async def connect(disk: str) -> None:  # one after another: each is told its share as it connects
-            agent = await agents.enter_async_context(agent_for(data, port))
+            agent = await stack.enter_async_context(agent_for(data, port))
             await asyncio.wait_for(agent.open_disk(disk, MiB), 10)
+            agents.append(agent)
 
         for i in range(7):
             await connect(f"d{i}")
         early = sorted(read_buffers(server))
         assert early == sorted(2 * max(32 * KiB, min(128 * KiB, 512 * KiB // k)) for k in range(1, 8)), early
         await connect("d7")
-        buffers = read_buffers(server)
-    # the eighth halved everyone's share (the kernel reports twice what was asked: its bookkeeping)
-    assert buffers == [2 * 64 * KiB] * 8, buffers
+        # the eighth halved everyone's share (the kernel reports twice what was asked: its bookkeeping)
+        assert read_buffers(server) == [2 * 64 * KiB] * 8
+        for agent in agents[:4]:  # down to four: everyone gets the larger share back
+            await agent.close()
+        await wait_for(lambda: len(server._ctx.connections) == 4, "four connections left")
+        assert read_buffers(server) == [2 * 128 * KiB] * 4
+
+
+def test_a_receive_buffer_set_below_the_floor_is_honoured() -> None:
+    """The 32 KiB floor is for shares of the budget, not a minimum imposed on the operator's own setting."""
+    def size(read_buffer: int, connections: int) -> int:
+        ctx = IngestContext(None, None, None, lambda disk: False, server_name="t",  # type: ignore[arg-type]
+                            max_frame=1, read_buffer=read_buffer, read_buffers_total=32 * MiB)
+        ctx.connections.update(object() for _ in range(connections))  # type: ignore[misc]
+        return ctx.read_buffer_size()
+
+    assert size(16 * KiB, 1) == 16 * KiB
+    assert size(MiB, 10) == MiB and size(MiB, 100) == 32 * MiB // 100 and size(MiB, 5000) == 32 * KiB
