@@ -68,10 +68,10 @@ class ServerConfig(_Section):
         ByteSize(32 * 1024 * 1024), ge=32 * 1024,
         description="About what all agent connections' receive buffers add up to (under twice this): a "
                     "connection gets read_buffer_bytes or its share of this, at least 32KiB, and all of them "
-                    "the current share whenever their number reaches a power of two. A socket read reaches as far as its "
-                    "buffer, and the TLS layer keeps a buffer per connection as large as its reads: at 1000 "
-                    "agents, 1MiB each put serve at 945 MiB RSS, 32KiB at 773, at the same throughput "
-                    "(docs/benchmarks.md).")
+                    "the current share whenever their number reaches a power of two. A socket read reaches as "
+                    "far as its buffer, and the TLS layer keeps a buffer per connection as large as its reads: "
+                    "at 1000 agents, 1MiB each put serve at 977-1004 MiB RSS, this budget at 890, at the same "
+                    "throughput (docs/benchmarks.md).")
     heartbeat_s: float = Field(10.0, gt=0, description="Seconds between heartbeats to idle agents.")
     idle_timeout_s: float = Field(60.0, gt=0, description="Close an agent connection silent for this long (s).")
 
@@ -96,11 +96,13 @@ class BatchConfig(_Section):
                                             "fill it within the linger and are not affected. 0: always cut at "
                                             "linger_ms; above max_bytes: max_bytes.")
 
+
 class PipelineConfig(_Section):
     max_inflight_bytes: ByteSize = Field(ByteSize(64 * 1024 * 1024), ge=1024 * 1024, le=2 * 1024**3,
                                          description="Payload bytes held in memory, over all disks: received "
-                                                     "but not yet logged, or in a batch being sealed (what is "
-                                                     "logged is read back from the log), at most 2GiB (one log commit must fit the "
+                                                     "and not yet sealed, less what batches opened above a "
+                                                     "quarter of this left to the write-ahead log (read back "
+                                                     "when sealed); at most 2GiB (one log commit must fit the "
                                                      "log's 32-bit chunk length); "
                                                      "beyond it the server stops reading agent sockets (backpressure). "
                                                      "More only queues: at 90 % load 128MiB doubled ack p99 over "

@@ -114,9 +114,12 @@ class LoggedRecords(NamedTuple):
 
     place: LogRange
     first_seq: int
-    last_seq: int
-    checksums: tuple[int | None, ...]
+    checksums: tuple[int | None, ...]  # one per record
     headers_crc: int  # protocol.wal.headers_crc of the records
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + len(self.checksums) - 1
 
 
 @dataclass
@@ -526,7 +529,7 @@ class Pipeline:
         size = sum(record.size for record in moved)
         # the run ends the entry's records, so it starts where they end less its size
         batch.logged.append(LoggedRecords(place.range(entry.offset + entry.size - size, size), moved[0].seq,
-                                          moved[-1].seq, tuple(record.checksum for record in moved),
+                                          tuple(record.checksum for record in moved),
                                           headers_crc(record.pieces[0] for record in moved)))
         payload = sum(record.payload for record in moved)
         batch.memory_bytes -= payload

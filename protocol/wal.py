@@ -127,7 +127,6 @@ class WalSealer:
         out[end:end + GCM_TAG_SIZE] = encryptor.tag
         yield out[:end + GCM_TAG_SIZE]
 
-
     def open_range(self, nonce: bytes, offset: int, ciphertext: bytes | memoryview) -> bytes:
         """Plaintext of ``ciphertext``, the bytes at ``offset`` in the records of the chunk sealed with
         ``nonce`` — without the tag, which covers the whole chunk: this reads back a few records of a
@@ -139,7 +138,9 @@ class WalSealer:
         decryptor = Cipher(algorithms.AES(self._key), modes.CTR(counter)).decryptor()
         if skip:
             decryptor.update(bytes(skip))
-        return decryptor.update(ciphertext) + decryptor.finalize()
+        plaintext = decryptor.update(ciphertext)  # counter mode: finalize() adds nothing, and `+` would copy it
+        decryptor.finalize()
+        return plaintext
 
 
 def read_chunk(data: bytes | memoryview, offset: int, keys: KeyLookup, *, name: str | None = None) -> WalChunk | None:
