@@ -25,15 +25,15 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from engine.config import PolicyConfig
 from engine.keys import KeyRing
 from engine.recovery.points import Point, points_of, prune_horizon
-from engine.recovery.volume import SeedState, SeedVolume
+from engine.recovery.volume import GroupCommit, SeedState, SeedVolume
 from engine.store import CacheStore
 from engine.store.base import StoreError
 from protocol import LogBlobError, TagKind
@@ -344,26 +344,27 @@ class Applier:
                          max(b.header.last_source_us for b in group), time.time_ns() // 1000,
                          tags[-1].tag_id if ends_with_tag else "")
         disk_size = max(*(b.header.disk_size for b in group), d.state.disk_size)
-        await d.volume.ensure_size(disk_size)
         ranges = merge_ranges([(offset, len(data)) for offset, data in writes])
-        before = await d.volume.read_ranges(ranges)
-        entry = await asyncio.get_running_loop().run_in_executor(
-            self._executor, UndoEntry(name, ranges, before, tags).encode, self._compressor.map)
-        await d.volume.put_entry(str(name), entry)  # 2. the point before this group is durable
-        d.entries.append(name)
-        await d.volume.write_ranges(writes)  # 3.
-        await d.volume.flush()
         written = sum(len(data) for _, data in writes)
-        d.state.disk_size = disk_size
-        d.state.applied_seq = last_seq
-        d.state.last_source_us = max(d.state.last_source_us, name.source_us)
-        d.state.applied_bytes += written
-        await d.volume.save_state(d.state)  # 4.
+        state = replace(d.state, disk_size=disk_size, applied_seq=last_seq,
+                        last_source_us=max(d.state.last_source_us, name.source_us),
+                        applied_bytes=d.state.applied_bytes + written)
+        entry_size = await d.volume.commit_group(GroupCommit(  # 2.–4.
+            str(name), ranges, lambda before: UndoEntry(name, ranges, before, tags).encode(self._compress_map),
+            writes, state))
+        d.entries.append(name)
+        d.state = state
         self.stats.applied_bytes += written
-        self.stats.journal_bytes += len(entry)
+        self.stats.journal_bytes += entry_size
         self.stats.groups += 1
         for listener in self.applied_listeners:
             listener(d.state.disk, d.state.applied_seq)
+
+    def _compress_map(self, compress: Callable[[memoryview], bytes], chunks: Iterable[memoryview]) -> list[bytes]:
+        """An undo entry's chunks compressed on every core; a single chunk (a small group: most of them at
+        many disks) on the calling thread, without a hand-over to another."""
+        chunks = list(chunks)
+        return [compress(c) for c in chunks] if len(chunks) <= 1 else list(self._compressor.map(compress, chunks))
 
     # ------------------------------------------------------------ retention
 

@@ -72,7 +72,7 @@ from engine.applier import ApplierLocked
 from engine.azure_common import AzureContainer, backoff_delay
 from engine.config import AzureCredentials, AzureStoreConfig, Config, ConfigError, SeedAzureConfig
 from engine.fsutil import write_durably
-from engine.recovery.volume import Progress, SeedState
+from engine.recovery.volume import GroupCommit, Progress, SeedState
 from engine.store.base import StoreError
 from protocol.journal import EntryName
 
@@ -657,6 +657,17 @@ class AzureVolume:
             self._group = parsed.seq_to  # from here until its state is saved, the image may be half-applied
         await self._change("write", self.journal + name, lambda: self._v.client.upload_blob(
             self._v.prefix + self.journal + name, data, overwrite=True, max_concurrency=self._v.max_concurrency))
+
+    async def commit_group(self, group: GroupCommit) -> int:
+        """Step by step: each is its own set of requests, and the event loop is where they wait."""
+        await self.ensure_size(group.state.disk_size)
+        before = await self.read_ranges(group.ranges)
+        entry = await asyncio.to_thread(group.encode_entry, before)
+        await self.put_entry(group.entry_name, entry)
+        await self.write_ranges(group.writes)
+        await self.flush()
+        await self.save_state(group.state)
+        return len(entry)
 
     async def list_entries(self) -> list[str]:
         await self._v.ready()

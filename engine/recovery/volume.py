@@ -36,6 +36,20 @@ class SeedState:
     committed_failover: bool = False  # ... and committed: replication of the disk has stopped
 
 
+@dataclass(frozen=True)
+class GroupCommit:
+    """Steps 2–4 of an apply group (see engine.applier), for a volume to carry out in this order: read
+    the before-images of ``ranges`` and store ``encode_entry(before)`` durably as the undo entry
+    ``entry_name``; apply ``writes`` and make them durable; then save ``state``. A crash anywhere in
+    between leaves an entry newer than the saved state, which the applier rolls back at its start."""
+
+    entry_name: str
+    ranges: Sequence[tuple[int, int]]
+    encode_entry: Callable[[list[bytes]], bytes]  # CPU-heavy (lz4): called on a worker thread
+    writes: Sequence[tuple[int, bytes | memoryview]]
+    state: SeedState
+
+
 class SeedVolume(Protocol):
     disk: str
 
@@ -56,6 +70,14 @@ class SeedVolume(Protocol):
 
     async def put_entry(self, name: str, data: bytes) -> None:
         """Store an undo entry atomically and durably."""
+
+    async def commit_group(self, group: GroupCommit) -> int:
+        """Grow the disk to ``group.state.disk_size``, then carry out ``group``; returns the undo entry's size.
+
+        One call for the whole group, so that a backend can run it as one unit: the local volume runs
+        it on one thread (at 1000 disks the applier commits hundreds of small groups a second, and
+        every hand-over between the event loop and a thread costs two context switches and the GIL).
+        """
 
     async def list_entries(self) -> list[str]: ...
 
@@ -104,10 +126,15 @@ class LocalVolume:
         return SeedState(**json.loads(self.state_path.read_text()))
 
     async def save_state(self, state: SeedState) -> None:
-        data = json.dumps(asdict(state)).encode()
-        await asyncio.to_thread(write_durably, self.state_path, data, fsync=self.fsync, mode=0o644)
+        await asyncio.to_thread(self._save_state, state)
+
+    def _save_state(self, state: SeedState) -> None:
+        write_durably(self.state_path, json.dumps(asdict(state)).encode(), fsync=self.fsync, mode=0o644)
 
     async def ensure_size(self, size: int) -> None:
+        self._ensure_size(size)
+
+    def _ensure_size(self, size: int) -> None:
         if os.fstat(self._fd).st_size < size:
             os.ftruncate(self._fd, size)  # sparse: unwritten ranges cost no space
 
@@ -133,10 +160,29 @@ class LocalVolume:
 
     async def flush(self) -> None:
         if self.fsync:
-            await asyncio.to_thread(os.fsync, self._fd)
+            await asyncio.to_thread(self._flush)
+
+    def _flush(self) -> None:
+        if self.fsync:
+            os.fsync(self._fd)
 
     async def put_entry(self, name: str, data: bytes) -> None:
-        await asyncio.to_thread(write_durably, self.journal_dir / name, data, fsync=self.fsync, mode=0o600)
+        await asyncio.to_thread(self._put_entry, name, data)
+
+    def _put_entry(self, name: str, data: bytes) -> None:
+        write_durably(self.journal_dir / name, data, fsync=self.fsync, mode=0o600)
+
+    async def commit_group(self, group: GroupCommit) -> int:
+        return await asyncio.to_thread(self._commit_group, group)
+
+    def _commit_group(self, group: GroupCommit) -> int:
+        self._ensure_size(group.state.disk_size)
+        entry = group.encode_entry(self._read_ranges(group.ranges))
+        self._put_entry(group.entry_name, entry)
+        self._write_ranges(group.writes)
+        self._flush()
+        self._save_state(group.state)
+        return len(entry)
 
     async def list_entries(self) -> list[str]:
         return sorted(n for n in os.listdir(self.journal_dir) if not n.startswith("."))

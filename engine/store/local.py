@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import aiofiles
 import aiofiles.os
 
 from engine.filepool import FilePool
@@ -132,8 +131,9 @@ class LocalStore:
                         yield from ((disk.name, entry) for entry in names)
 
     async def get(self, name: str) -> bytes:
-        async with aiofiles.open(self._path(name), "rb") as handle:
-            return await handle.read()
+        """One hand-over to a thread for the whole read (aiofiles makes three: open, read, close), and at 1000
+        disks the applier reads hundreds of blobs a second."""
+        return await asyncio.to_thread(self._path(name).read_bytes)
 
     async def delete(self, name: str) -> None:
         if self.pool is not None:
