@@ -78,7 +78,7 @@ class DiskState:
 
 class Applier:
     def __init__(self, store: CacheStore, keys: KeyRing, volumes: VolumeFactory, policy_for: PolicyLookup, *,
-                 poll_s: float = 0.2, group_max_bytes: int = 64 * 1024 * 1024, prune_interval_s: float = 30.0,
+                 poll_s: float = 0.2, group_max_bytes: int = 8 * 1024 * 1024, prune_interval_s: float = 30.0,
                  threads: int = 2) -> None:
         self.store = store
         self.keys = keys
@@ -161,7 +161,7 @@ class Applier:
             await d.volume.write_ranges(list(zip((o for o, _ in entry.ranges), entry.before)))
             await d.volume.flush()
             await d.volume.delete_entry(str(name))
-            log.warning("applier: disk %r: rolled back an apply group interrupted by a crash (sequences %d-%d)",
+            log.warning("applier: disk %r: rolled back an apply group that a crash or a failed write interrupted (sequences %d-%d)",
                         d.state.disk, name.seq_from + 1, name.seq_to)
         d.entries = [e for e in d.entries if e.seq_to <= d.state.applied_seq]
 
@@ -211,9 +211,14 @@ class Applier:
             pending = await self.pending()
             if only is not None:
                 pending = {only: pending.get(only, [])}
-            counts = await asyncio.gather(*(self._apply_disk_slot(disk, blobs, force)
-                                            for disk, blobs in pending.items() if blobs))
-            return sum(counts)
+            # every disk's apply finishes before the pass ends, even when one fails: close() waits for the
+            # pass, then shuts down the pools and the volumes these applies may still be using
+            results = await asyncio.gather(*(self._apply_disk_slot(disk, blobs, force)
+                                             for disk, blobs in pending.items() if blobs), return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            return sum(results)  # type: ignore[arg-type]
 
     async def catch_up(self, disk: str) -> int:
         """Apply every blob of ``disk`` already in the cache store; returns the applied sequence.

@@ -27,7 +27,7 @@ from engine.config import AzureStoreConfig, PolicyConfig, SeedAzureConfig
 from engine.keys import KeyRing
 from engine.recovery.azure_volume import AzureVolumes
 from engine.recovery.failover import failover
-from engine.recovery.volume import LocalVolumes
+from engine.recovery.volume import LocalVolumes, VolumeBroken
 from engine.store import LocalStore
 from protocol import TagKind
 from protocol.logblob import BlobHeader, Sealer, blob_name, tag_record, write_record_header
@@ -199,5 +199,62 @@ async def test_overlapping_blobs_apply_each_sequence_once(tmp_path: Path) -> Non
         await failover(applier, DISK, "latest", out, test=True)
         assert out.read_bytes() == bytes(model)
         assert await applier.store.list_blobs() == []
+    finally:
+        await applier.close()
+
+
+def _store_blob(store_dir: Path, seq: int, offset: int, data: bytes) -> None:
+    header = BlobHeader(DISK, SIZE, seq, seq, 1, 0, seq)
+    path = store_dir / blob_name(DISK, seq, seq)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = write_record_header(seq, seq, offset, len(data)) + data
+    path.write_bytes(bytes(Sealer(KEY).seal(record, header, os.urandom(12))))
+
+
+async def test_a_group_failing_after_its_undo_entry_is_rolled_back_at_restart_never_retried(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state file cannot be saved (a full disk) after the group's writes landed. Applying the group again
+    in the same process would store the half-applied image as the point before it; the volume refuses, and
+    the next applier rolls the group back and applies it again."""
+    store_dir, seed_dir = tmp_path / "cache", tmp_path / "seed"
+    policy = PolicyConfig(crash_point_interval_ms=0, retention_hours=1)
+
+    def new_applier() -> Applier:
+        return Applier(LocalStore(store_dir, fsync=False), KeyRing(KEY), LocalVolumes(seed_dir, fsync=False),
+                       lambda disk: policy)
+
+    first, second = b"a" * 1024, b"b" * 512
+    _store_blob(store_dir, 1, 0, first)
+    applier = new_applier()
+    try:
+        assert await applier.apply_available(force=True) == 1
+        _store_blob(store_dir, 2, 256, second)
+        volume = applier.disks[DISK].volume
+        save_state = volume._save_state  # type: ignore[attr-defined]
+
+        def full_disk(state: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(volume, "_save_state", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            await applier.apply_available(force=True)
+        monkeypatch.setattr(volume, "_save_state", save_state)  # the disk has room again
+        with pytest.raises(VolumeBroken, match=r"seed disk 'm'.*up to sequence 2.*No space left.*restarted"):
+            await applier.apply_available(force=True)
+        assert applier.applied_seq(DISK) == 1
+    finally:
+        await applier.close()
+
+    applier = new_applier()  # the restart
+    try:
+        await applier.open_existing()
+        assert (seed_dir / f"{DISK}.img").read_bytes()[:1024] == first  # rolled back
+        assert await applier.apply_available(force=True) == 1
+        expected = {1: first + bytes(SIZE - 1024), 2: first[:256] + second + first[768:] + bytes(SIZE - 1024)}
+        assert [p.seq for p in applier.points(DISK)] == [1, 2]
+        for seq, image in expected.items():
+            out = tmp_path / f"p{seq}.img"
+            await failover(applier, DISK, str(seq) if seq != 2 else "latest", out, test=True)
+            assert out.read_bytes() == image, f"point {seq}"
     finally:
         await applier.close()

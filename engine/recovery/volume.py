@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Protocol
 
 from engine.fsutil import write_durably
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 COPY_CHUNK = 4 * 1024 * 1024
@@ -91,6 +94,12 @@ class SeedVolume(Protocol):
     async def close(self) -> None: ...
 
 
+class VolumeBroken(OSError):
+    """An apply group failed after its undo entry was stored: the image may hold part of the group. A retry
+    would read that part as the before-images of a new entry and lose the point before the group, so the
+    volume takes no more changes; the applier's restart rolls the group back from the stored entry."""
+
+
 class LocalVolumes:
     """Opens local volumes under one directory (the applier's seed_dir)."""
 
@@ -119,6 +128,7 @@ class LocalVolume:
         self.journal_dir = root / "journal" / disk
         self.journal_dir.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.image_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._broken: str | None = None  # why this volume refuses changes until the applier restarts
 
     async def load_state(self) -> SeedState | None:
         if not self.state_path.exists():
@@ -126,12 +136,14 @@ class LocalVolume:
         return SeedState(**json.loads(self.state_path.read_text()))
 
     async def save_state(self, state: SeedState) -> None:
+        self._check_changeable()
         await asyncio.to_thread(self._save_state, state)
 
     def _save_state(self, state: SeedState) -> None:
         write_durably(self.state_path, json.dumps(asdict(state)).encode(), fsync=self.fsync, mode=0o644)
 
     async def ensure_size(self, size: int) -> None:
+        self._check_changeable()
         self._ensure_size(size)
 
     def _ensure_size(self, size: int) -> None:
@@ -149,6 +161,7 @@ class LocalVolume:
         return out
 
     async def write_ranges(self, writes: Sequence[tuple[int, bytes | memoryview]]) -> None:
+        self._check_changeable()
         await asyncio.to_thread(self._write_ranges, writes)
 
     def _write_ranges(self, writes: Sequence[tuple[int, bytes | memoryview]]) -> None:
@@ -159,30 +172,51 @@ class LocalVolume:
                 view, offset = view[written:], offset + written
 
     async def flush(self) -> None:
-        if self.fsync:
-            await asyncio.to_thread(self._flush)
+        await asyncio.to_thread(self._flush)
 
     def _flush(self) -> None:
         if self.fsync:
             os.fsync(self._fd)
 
     async def put_entry(self, name: str, data: bytes) -> None:
+        self._check_changeable()
         await asyncio.to_thread(self._put_entry, name, data)
 
     def _put_entry(self, name: str, data: bytes) -> None:
         write_durably(self.journal_dir / name, data, fsync=self.fsync, mode=0o600)
 
     async def commit_group(self, group: GroupCommit) -> int:
-        return await asyncio.to_thread(self._commit_group, group)
+        self._check_changeable()
+        commit = asyncio.ensure_future(asyncio.to_thread(self._commit_group, group))
+        try:
+            return await asyncio.shield(commit)
+        except asyncio.CancelledError:  # the thread goes on: what it leaves is known again after a restart
+            self._break(group, "the apply was cancelled while its thread was writing")
+            commit.add_done_callback(lambda done: done.cancelled() or done.exception())  # logged by _break
+            raise
 
     def _commit_group(self, group: GroupCommit) -> int:
         self._ensure_size(group.state.disk_size)
         entry = group.encode_entry(self._read_ranges(group.ranges))
         self._put_entry(group.entry_name, entry)
-        self._write_ranges(group.writes)
-        self._flush()
-        self._save_state(group.state)
+        try:
+            self._write_ranges(group.writes)
+            self._flush()
+            self._save_state(group.state)
+        except BaseException as exc:
+            self._break(group, str(exc))
+            raise
         return len(entry)
+
+    def _break(self, group: GroupCommit, reason: str) -> None:
+        self._broken = (f"seed disk {self.disk!r}: the apply group up to sequence {group.state.applied_seq} was "
+                        f"interrupted after its undo entry was stored ({reason}); no more changes until the "
+                        "applier is restarted, which rolls the group back from its undo entry")
+        log.error("%s", self._broken)
+
+    def _check_changeable(self) -> None:
+        if self._broken is not None:
+            raise VolumeBroken(errno.EIO, self._broken)
 
     async def list_entries(self) -> list[str]:
         return sorted(n for n in os.listdir(self.journal_dir) if not n.startswith("."))
@@ -191,6 +225,7 @@ class LocalVolume:
         return await asyncio.to_thread((self.journal_dir / name).read_bytes)
 
     async def delete_entry(self, name: str) -> None:
+        self._check_changeable()
         try:
             await asyncio.to_thread(os.unlink, self.journal_dir / name)
         except FileNotFoundError:
