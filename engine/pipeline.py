@@ -60,7 +60,6 @@ UPLOAD_GROUP = 64  # blobs one upload worker takes from the queue at once, uploa
 GROUPED_UPLOAD_GROUP = 512
 SPOOL_IO_THREADS = 16  # spool writes in flight at once
 WATERMARK_SAVE_INTERVAL_S = 0.1  # upload watermarks are saved at most this often
-SMALL_BATCH_LINGER = 4  # a batch below batch.min_bytes lingers up to this many times batch.linger_ms
 # A batch opened while the pipeline holds at least this share of pipeline.max_inflight_bytes leaves what
 # the log holds to the log. Below it, reading back is not worth its cost: at 10 agents and 150 MB/s it
 # took serve from 6.4-6.9 to 7.5-7.6 CPU s/GB and the ack p99 from 23-31 to 36 ms (docs/benchmarks.md).
@@ -284,6 +283,7 @@ class Pipeline:
         self._max_batch = int(config.batch.max_bytes)
         self._linger = config.batch.linger_ms / 1000
         self._min_batch = min(int(config.batch.min_bytes), self._max_batch)
+        self._min_batch_wait = config.batch.min_bytes_wait_ms / 1000
         self._upload_group = GROUPED_UPLOAD_GROUP if hasattr(store, "put_files") else UPLOAD_GROUP
 
     # ------------------------------------------------------------ lifecycle
@@ -560,14 +560,14 @@ class Pipeline:
         when that seal completes. Under load this makes batches (and files) fewer and larger instead
         of one tiny blob per linger interval; at low load it changes nothing.
 
-        A batch still below ``batch.min_bytes`` waits longer (up to SMALL_BATCH_LINGER lingers), and
+        A batch still below ``batch.min_bytes`` waits longer (``batch.min_bytes_wait_ms`` in all), and
         is cut as soon as it reaches them (``_append``): slow disks make fewer, larger blobs."""
         stream.linger = None
         batch = stream.open_batch
-        if batch is not None and not batch.overdue and batch.payload_bytes < self._min_batch:
+        longer = self._min_batch_wait - self._linger
+        if batch is not None and not batch.overdue and batch.payload_bytes < self._min_batch and longer > 0:
             batch.overdue = True
-            stream.linger = asyncio.get_running_loop().call_later(
-                (SMALL_BATCH_LINGER - 1) * self._linger, self._linger_expired, stream)
+            stream.linger = asyncio.get_running_loop().call_later(longer, self._linger_expired, stream)
             return
         if stream.seal_in_flight:
             stream.cut_when_sealed = True

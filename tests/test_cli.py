@@ -262,10 +262,12 @@ port = 0
         assert int(sent.group(1)) == _nonzero_blocks_bytes(source)  # zero blocks of a fresh disk are skipped
     token = token_file.read_text().strip()
 
-    # everything acknowledged reaches the cache store; then stop the server like an operator would
-    spool = data_dir / "spool"
-    wait_until(lambda: not list(spool.glob("*/*.bflog")), 30, "uploads to the cache store", server.proc, server.log)
-    blobs = sorted((data_dir / "cache").glob("*/*.bflog"))
+    # everything acknowledged reaches the cache store (a small last batch after batch.min_bytes_wait_ms); then
+    # stop the server like an operator would
+    spool, cache = data_dir / "spool", data_dir / "cache"
+    wait_until(lambda: not list(spool.glob("*/*.bflog")) and {b.parent.name for b in cache.glob("*/*.bflog")}
+               == set(sources), 30, "uploads to the cache store", server.proc, server.log)
+    blobs = sorted(cache.glob("*/*.bflog"))
     assert {b.parent.name for b in blobs} == set(sources)
     assert server.interrupt() == 0, server.log.read_text()[-3000:]
     serve_log = server.log.read_text()

@@ -128,7 +128,7 @@ class CountingWatermarks(UploadWatermarks):
 async def test_watermark_saves_are_coalesced_but_nothing_waits_for_them(tmp_path: Path) -> None:
     """One blob per write (linger 1 ms, writes 5 ms apart): the store and its listeners see every blob at
     once, while the watermark file is rewritten at most every WATERMARK_SAVE_INTERVAL_S."""
-    config = make_config(tmp_path / "data", batch={"linger_ms": 1})
+    config = make_config(tmp_path / "data", batch={"linger_ms": 1, "min_bytes": 0})
     watermarks = CountingWatermarks(config.state_dir / "uploaded.json")
     stored: list[int] = []
     async with running_pipeline(config, watermarks=watermarks) as pipeline:

@@ -360,11 +360,12 @@ async def test_a_linger_expiring_while_a_blob_waits_for_the_log_still_cuts_the_b
 async def test_a_batch_below_min_bytes_waits_past_its_linger_and_goes_once_it_reaches_them(tmp_path: Path) -> None:
     """1000 slow disks (~0.2 MB/s each) cut at the linger made blobs of 80-180 KB, each a file, a sync and
     an apply group: a small batch waits for more, and goes as soon as it has enough."""
-    config = make_config(tmp_path / "data", batch={"linger_ms": 200, "min_bytes": 64 * 1024})
+    config = make_config(tmp_path / "data", batch={"linger_ms": 200, "min_bytes": 64 * 1024,
+                                                   "min_bytes_wait_ms": 800})
     async with running_pipeline(config, key=KEY) as pipeline:
         stream = pipeline.streams["d"]
         await write_and_wait_for_ack(pipeline, range(1, 3), size=8192)
-        await asyncio.sleep(0.3)  # past its linger, well before four
+        await asyncio.sleep(0.3)  # past its linger, well before its wait
         assert stream.open_batch is not None and stream.open_batch.overdue
         assert not stream.sealing and not stream.uploading
         await write_and_wait_for_ack(pipeline, range(3, 9), size=8192)  # 64 KiB in all: cut at once
@@ -373,14 +374,19 @@ async def test_a_batch_below_min_bytes_waits_past_its_linger_and_goes_once_it_re
         assert await pipeline.store.list_blobs() == [blob_name("d", 1, 8)]
 
 
-async def test_a_batch_that_stays_below_min_bytes_is_cut_after_four_lingers(tmp_path: Path) -> None:
-    config = make_config(tmp_path / "data", batch={"linger_ms": 100, "min_bytes": 64 * 1024})
+@pytest.mark.parametrize(("wait_ms", "cut_after_s"), [(400, (0.35, 2.0)), (50, (0.08, 0.35))],
+                         ids=["waits-min_bytes_wait_ms", "a-wait-below-the-linger-waits-the-linger"])
+async def test_a_batch_that_stays_below_min_bytes_is_cut_after_min_bytes_wait_ms(
+        tmp_path: Path, wait_ms: int, cut_after_s: tuple[float, float]) -> None:
+    config = make_config(tmp_path / "data", batch={"linger_ms": 100, "min_bytes": 64 * 1024,
+                                                   "min_bytes_wait_ms": wait_ms})
     async with running_pipeline(config, key=KEY) as pipeline:
         stream = pipeline.streams["d"]
         started = time.monotonic()
         await write_and_wait_for_ack(pipeline, range(1, 3), size=8192)
         await wait_for(lambda: stream.sealing or stream.uploading or stream.uploaded_seq, "the batch cut")
-        assert time.monotonic() - started >= 0.35, "cut after four lingers, not one"
+        low, high = cut_after_s
+        assert low <= time.monotonic() - started < high
         await wait_for(lambda: stream.uploaded_seq == 2, "the batch stored")
 
 
