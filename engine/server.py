@@ -178,7 +178,7 @@ class ProcessServer:
             assert self._ctx is not None
             for conn in list(self._ctx.connections):
                 if conn.silent_s(now) > cfg.idle_timeout_s:
-                    log.warning("agent %s: silent for %.0fs, closing", conn.peer, conn.silent_s(now))
+                    log.warning("agent %s: silent for %.1fs, closing", conn.peer, conn.silent_s(now))
                     conn.close()
                 else:
                     conn.heartbeat()

@@ -89,7 +89,9 @@ async def write_random(agent: Agent, sources: dict[str, bytearray], total_bytes:
 def make_config(data_dir: Path, *extra: dict, **sections: dict) -> Config:
     """A config under ``data_dir``; ``extra`` (e.g. :func:`backend_sections`) is merged in key by key."""
     raw: dict = {"server": {"data_dir": str(data_dir), "port": 0}, "http": {"port": 0},
-                 "applier": {"process": False, "http_port": 0}}
+                 "applier": {"process": False, "http_port": 0},
+                 # a small last batch goes at its linger, not 4 s later (the tests of the wait set it)
+                 "batch": {"min_bytes_wait_ms": 0}}
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     for more in extra:

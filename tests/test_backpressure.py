@@ -92,7 +92,8 @@ async def test_connections_are_resumed_in_a_new_order_each_time(tmp_path: Path) 
 async def test_a_connection_paused_longer_than_the_idle_timeout_is_not_closed(tmp_path: Path) -> None:
     """The idle timeout is for agents gone silent, not for the time this server did not read them."""
     data = tmp_path / "data"
-    config = make_config(data, server={"heartbeat_s": 0.05, "idle_timeout_s": 0.3})
+    # nothing is sealed during the pause: a sealed batch updates the flow, which would end the pause early
+    config = make_config(data, server={"heartbeat_s": 0.05, "idle_timeout_s": 0.3}, batch={"linger_ms": 5000})
     async with ProcessServer(config, control_plane=False) as server:
         assert server.connect_info is not None and server._ctx is not None
         async with agent_for(data, server.connect_info.port) as agent:
