@@ -565,7 +565,8 @@ class Pipeline:
         stream.linger = None
         batch = stream.open_batch
         longer = self._min_batch_wait - self._linger
-        if batch is not None and not batch.overdue and batch.payload_bytes < self._min_batch and longer > 0:
+        if (batch is not None and not batch.overdue and batch.payload_bytes < self._min_batch and longer > 0
+                and self._linger > 0):  # linger 0: every batch goes at once, as asked
             batch.overdue = True
             stream.linger = asyncio.get_running_loop().call_later(longer, self._linger_expired, stream)
             return

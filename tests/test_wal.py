@@ -374,11 +374,13 @@ async def test_a_batch_below_min_bytes_waits_past_its_linger_and_goes_once_it_re
         assert await pipeline.store.list_blobs() == [blob_name("d", 1, 8)]
 
 
-@pytest.mark.parametrize(("wait_ms", "cut_after_s"), [(400, (0.35, 2.0)), (50, (0.08, 0.35))],
-                         ids=["waits-min_bytes_wait_ms", "a-wait-below-the-linger-waits-the-linger"])
+@pytest.mark.parametrize(("linger_ms", "wait_ms", "cut_after_s"),
+                         [(100, 400, (0.35, 2.0)), (100, 50, (0.08, 0.35)), (0, 400, (0.0, 0.3))],
+                         ids=["waits-min_bytes_wait_ms", "a-wait-below-the-linger-waits-the-linger",
+                              "linger-0-cuts-at-once"])
 async def test_a_batch_that_stays_below_min_bytes_is_cut_after_min_bytes_wait_ms(
-        tmp_path: Path, wait_ms: int, cut_after_s: tuple[float, float]) -> None:
-    config = make_config(tmp_path / "data", batch={"linger_ms": 100, "min_bytes": 64 * 1024,
+        tmp_path: Path, linger_ms: int, wait_ms: int, cut_after_s: tuple[float, float]) -> None:
+    config = make_config(tmp_path / "data", batch={"linger_ms": linger_ms, "min_bytes": 64 * 1024,
                                                    "min_bytes_wait_ms": wait_ms})
     async with running_pipeline(config, key=KEY) as pipeline:
         stream = pipeline.streams["d"]
