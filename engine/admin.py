@@ -75,7 +75,7 @@ def admin_routes(recovery: LocalRecovery | None, monitor: Monitor, token: str) -
         body = await request.json()
         try:
             return web.json_response({"released": await recovery.commit(str(body["disk"]))})
-        except RecoveryError as exc:
+        except (RecoveryError, OSError) as exc:  # OSError: e.g. a seed volume that refuses changes until restarted
             return web.json_response({"error": str(exc)})
 
     return status_route + [web.get("/api/points", points), web.post("/api/failover", do_failover),

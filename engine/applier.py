@@ -33,7 +33,7 @@ from pathlib import Path
 from engine.config import PolicyConfig
 from engine.keys import KeyRing
 from engine.recovery.points import Point, points_of, prune_horizon
-from engine.recovery.volume import GroupCommit, SeedState, SeedVolume
+from engine.recovery.volume import GroupCommit, SeedState, SeedVolume, VolumeBroken
 from engine.store import CacheStore
 from engine.store.base import StoreError
 from protocol import LogBlobError, TagKind
@@ -261,7 +261,11 @@ class Applier:
                         break
                     group, failure = await self._open_group(queue, current, prefetch)
                     if group:  # the verified prefix is applied even if a later blob is bad
-                        await self._apply_group(d, group)
+                        try:
+                            await self._apply_group(d, group)
+                        except VolumeBroken:  # said why when it broke
+                            await self._reopen(disk, d)
+                            break  # the group again at the next pass, from the rolled-back disk
                         await self._delete(disk, [blob.name for blob in group])
                         applied += len(group)
                     if failure is not None:
@@ -277,6 +281,15 @@ class Applier:
                 prefetch.cancel()
             d.last_group = time.monotonic()
         return applied
+
+    async def _reopen(self, disk: str, d: DiskState) -> None:
+        """Open a volume that refuses changes again: opening rolls back the group it was left in the middle
+        of (as at a start), so this process goes on without a restart. If the roll-back fails too, that
+        error ends the applier (its process is restarted)."""
+        self.disks.pop(disk, None)
+        await d.volume.close()
+        reopened = await self.disk(disk)
+        log.warning("applier: disk %r: opened again at sequence %d", disk, reopened.state.applied_seq)
 
     async def _delete(self, disk: str, names: list[str]) -> None:
         pending = self.first_seen.get(disk, {})

@@ -26,7 +26,7 @@ from engine.applier import Applier
 from engine.config import AzureStoreConfig, PolicyConfig, SeedAzureConfig
 from engine.keys import KeyRing
 from engine.recovery.azure_volume import AzureVolumes
-from engine.recovery.failover import failover
+from engine.recovery.failover import commit, failover
 from engine.recovery.volume import LocalVolumes, VolumeBroken
 from engine.store import LocalStore
 from protocol import TagKind
@@ -211,50 +211,68 @@ def _store_blob(store_dir: Path, seq: int, offset: int, data: bytes) -> None:
     path.write_bytes(bytes(Sealer(KEY).seal(record, header, os.urandom(12))))
 
 
-async def test_a_group_failing_after_its_undo_entry_is_rolled_back_at_restart_never_retried(
+async def test_a_group_failing_after_its_undo_entry_is_rolled_back_before_it_is_applied_again(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The state file cannot be saved (a full disk) after the group's writes landed. Applying the group again
-    in the same process would store the half-applied image as the point before it; the volume refuses, and
-    the next applier rolls the group back and applies it again."""
+    on that image would store the half-applied image as the point before it: the volume refuses every
+    change, and the applier opens the disk again, which rolls the group back, before it retries."""
     store_dir, seed_dir = tmp_path / "cache", tmp_path / "seed"
     policy = PolicyConfig(crash_point_interval_ms=0, retention_hours=1)
-
-    def new_applier() -> Applier:
-        return Applier(LocalStore(store_dir, fsync=False), KeyRing(KEY), LocalVolumes(seed_dir, fsync=False),
-                       lambda disk: policy)
-
+    applier = Applier(LocalStore(store_dir, fsync=False), KeyRing(KEY), LocalVolumes(seed_dir, fsync=False),
+                      lambda disk: policy)
     first, second = b"a" * 1024, b"b" * 512
     _store_blob(store_dir, 1, 0, first)
-    applier = new_applier()
     try:
         assert await applier.apply_available(force=True) == 1
         _store_blob(store_dir, 2, 256, second)
-        volume = applier.disks[DISK].volume
-        save_state = volume._save_state  # type: ignore[attr-defined]
+        broken = applier.disks[DISK].volume
 
         def full_disk(state: object) -> None:
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(volume, "_save_state", full_disk)
-        with pytest.raises(OSError, match="No space left"):
-            await applier.apply_available(force=True)
-        monkeypatch.setattr(volume, "_save_state", save_state)  # the disk has room again
-        with pytest.raises(VolumeBroken, match=r"seed disk 'm'.*up to sequence 2.*No space left.*restarted"):
-            await applier.apply_available(force=True)
+        monkeypatch.setattr(broken, "_save_state", full_disk)
+        assert await applier.apply_available(force=True) == 0
+        with pytest.raises(VolumeBroken, match=r"seed disk 'm'.*up to sequence 2.*No space left.*opened again"):
+            await broken.write_ranges([(0, b"x")])
+        assert applier.disks[DISK].volume is not broken
         assert applier.applied_seq(DISK) == 1
-    finally:
-        await applier.close()
-
-    applier = new_applier()  # the restart
-    try:
-        await applier.open_existing()
         assert (seed_dir / f"{DISK}.img").read_bytes()[:1024] == first  # rolled back
-        assert await applier.apply_available(force=True) == 1
+        # a failover or its commit never sees memory ahead of the disk: the disk they get is the reopened one
+        assert await applier.apply_available(force=True) == 1  # the disk has room again
         expected = {1: first + bytes(SIZE - 1024), 2: first[:256] + second + first[768:] + bytes(SIZE - 1024)}
         assert [p.seq for p in applier.points(DISK)] == [1, 2]
         for seq, image in expected.items():
             out = tmp_path / f"p{seq}.img"
             await failover(applier, DISK, str(seq) if seq != 2 else "latest", out, test=True)
             assert out.read_bytes() == image, f"point {seq}"
+    finally:
+        await applier.close()
+
+
+async def test_a_failover_refused_by_its_volume_leaves_the_disk_as_it_was(tmp_path: Path) -> None:
+    """A failover or commit whose state cannot be saved must not leave memory ahead of the disk: a disk
+    committed in memory only has its blobs deleted unapplied, pass after pass."""
+    store_dir, seed_dir = tmp_path / "cache", tmp_path / "seed"
+    policy = PolicyConfig(crash_point_interval_ms=0, retention_hours=1)
+    applier = Applier(LocalStore(store_dir, fsync=False), KeyRing(KEY), LocalVolumes(seed_dir, fsync=False),
+                      lambda disk: policy)
+    _store_blob(store_dir, 1, 0, b"a" * 1024)
+    _store_blob(store_dir, 2, 0, b"b" * 1024)
+    try:
+        assert await applier.apply_available(force=True) == 2
+        d = applier.disks[DISK]
+
+        def full_disk(state: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        d.volume._save_state = full_disk  # type: ignore[attr-defined]
+        points = applier.points(DISK)
+        with pytest.raises(OSError, match="No space left"):
+            await failover(applier, DISK, points[0].id, tmp_path / "p.img", test=False)
+        assert d.state.failover_seq is None
+        d.state.failover_seq = points[0].seq  # as if the failover had been saved: its commit is refused too
+        with pytest.raises(OSError, match="No space left"):
+            await commit(applier, DISK)
+        assert not d.state.committed_failover and applier.points(DISK) == points
     finally:
         await applier.close()

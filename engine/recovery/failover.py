@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from engine.applier import Applier
@@ -67,8 +67,9 @@ async def failover(applier: Applier, disk: str, spec: str, out: Path, *, test: b
             del d.pins[seq]
     if not test:
         async with d.lock:  # an apply pass saves the same state file: two writers could tear it
-            d.state.failover_seq = seq
-            await d.volume.save_state(d.state)
+            state = replace(d.state, failover_seq=seq)
+            await d.volume.save_state(state)
+            d.state = state  # only once saved: a refused save must not leave memory ahead of the disk
     point = next((p for p in applier.points(disk) if p.seq == seq), None)
     return FailoverResult(disk, seq, point, out, size, test, len(newer))
 
@@ -94,8 +95,11 @@ async def commit(applier: Applier, disk: str) -> int:
     if d.state.failover_seq is None:
         raise PointNotFound(f"disk {disk!r} has no failover to commit (run failover without --test first)")
     async with d.lock:
-        d.state.committed_failover = True
-        await d.volume.save_state(d.state)
+        # memory follows the disk: a committed disk's blobs are deleted unapplied, so a refused save must not
+        # leave it committed in memory only
+        state = replace(d.state, committed_failover=True)
+        await d.volume.save_state(state)
+        d.state = state
         for name in list(d.entries):
             await d.volume.delete_entry(str(name))
         released = len(d.entries)

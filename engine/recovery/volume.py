@@ -95,9 +95,9 @@ class SeedVolume(Protocol):
 
 
 class VolumeBroken(OSError):
-    """An apply group failed after its undo entry was stored: the image may hold part of the group. A retry
-    would read that part as the before-images of a new entry and lose the point before the group, so the
-    volume takes no more changes; the applier's restart rolls the group back from the stored entry."""
+    """An apply group failed once its undo entry may have been stored: the image may hold part of the group.
+    A retry would read that part as the before-images of a new entry and lose the point before the group,
+    so the volume takes no more changes; opening it again rolls the group back from the stored entry."""
 
 
 class LocalVolumes:
@@ -198,20 +198,20 @@ class LocalVolume:
     def _commit_group(self, group: GroupCommit) -> int:
         self._ensure_size(group.state.disk_size)
         entry = group.encode_entry(self._read_ranges(group.ranges))
-        self._put_entry(group.entry_name, entry)
-        try:
+        try:  # the entry may be stored even if this fails (its directory's sync)
+            self._put_entry(group.entry_name, entry)
             self._write_ranges(group.writes)
             self._flush()
             self._save_state(group.state)
-        except BaseException as exc:
+        except Exception as exc:
             self._break(group, str(exc))
-            raise
+            raise VolumeBroken(errno.EIO, self._broken) from exc
         return len(entry)
 
     def _break(self, group: GroupCommit, reason: str) -> None:
         self._broken = (f"seed disk {self.disk!r}: the apply group up to sequence {group.state.applied_seq} was "
-                        f"interrupted after its undo entry was stored ({reason}); no more changes until the "
-                        "applier is restarted, which rolls the group back from its undo entry")
+                        f"interrupted once its undo entry may have been stored ({reason}); no more changes "
+                        "until the volume is opened again, which rolls the group back from its undo entry")
         log.error("%s", self._broken)
 
     def _check_changeable(self) -> None:
