@@ -161,8 +161,8 @@ class Applier:
             await d.volume.write_ranges(list(zip((o for o, _ in entry.ranges), entry.before)))
             await d.volume.flush()
             await d.volume.delete_entry(str(name))
-            log.warning("applier: disk %r: rolled back an apply group that a crash or a failed write interrupted (sequences %d-%d)",
-                        d.state.disk, name.seq_from + 1, name.seq_to)
+            log.warning("applier: disk %r: rolled back an apply group that a crash or a failed write interrupted "
+                        "(sequences %d-%d)", d.state.disk, name.seq_from + 1, name.seq_to)
         d.entries = [e for e in d.entries if e.seq_to <= d.state.applied_seq]
 
     # ------------------------------------------------------------ running

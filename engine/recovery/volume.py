@@ -128,7 +128,7 @@ class LocalVolume:
         self.journal_dir = root / "journal" / disk
         self.journal_dir.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.image_path, os.O_RDWR | os.O_CREAT, 0o600)
-        self._broken: str | None = None  # why this volume refuses changes until the applier restarts
+        self._broken: str | None = None  # why this volume refuses changes (until it is opened again)
 
     async def load_state(self) -> SeedState | None:
         if not self.state_path.exists():
