@@ -213,11 +213,15 @@ class Applier:
                 pending = {only: pending.get(only, [])}
             # every disk's apply finishes before the pass ends, even when one fails: close() waits for the
             # pass, then shuts down the pools and the volumes these applies may still be using
-            results = await asyncio.gather(*(self._apply_disk_slot(disk, blobs, force)
-                                             for disk, blobs in pending.items() if blobs), return_exceptions=True)
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
+            disks = [disk for disk, blobs in pending.items() if blobs]
+            results = await asyncio.gather(*(self._apply_disk_slot(disk, pending[disk], force) for disk in disks),
+                                           return_exceptions=True)
+            errors = [(disk, r) for disk, r in zip(disks, results) if isinstance(r, BaseException)]
+            if errors:  # the one that ends the applier first; a store that is down only waits for the next pass
+                errors.sort(key=lambda error: isinstance(error[1], StoreError))
+                for disk, error in errors[1:]:
+                    log.error("applier: disk %r: %s: %s", disk, type(error).__name__, error)
+                raise errors[0][1]
             return sum(results)  # type: ignore[arg-type]
 
     async def catch_up(self, disk: str) -> int:

@@ -29,6 +29,7 @@ from engine.recovery.azure_volume import AzureVolumes
 from engine.recovery.failover import commit, failover
 from engine.recovery.volume import LocalVolumes, VolumeBroken
 from engine.store import LocalStore
+from engine.store.base import StoreError
 from protocol import TagKind
 from protocol.logblob import BlobHeader, Sealer, blob_name, tag_record, write_record_header
 
@@ -203,9 +204,9 @@ async def test_overlapping_blobs_apply_each_sequence_once(tmp_path: Path) -> Non
         await applier.close()
 
 
-def _store_blob(store_dir: Path, seq: int, offset: int, data: bytes) -> None:
-    header = BlobHeader(DISK, SIZE, seq, seq, 1, 0, seq)
-    path = store_dir / blob_name(DISK, seq, seq)
+def _store_blob(store_dir: Path, seq: int, offset: int, data: bytes, disk: str = DISK) -> None:
+    header = BlobHeader(disk, SIZE, seq, seq, 1, 0, seq)
+    path = store_dir / blob_name(disk, seq, seq)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = write_record_header(seq, seq, offset, len(data)) + data
     path.write_bytes(bytes(Sealer(KEY).seal(record, header, os.urandom(12))))
@@ -274,5 +275,35 @@ async def test_a_failover_refused_by_its_volume_leaves_the_disk_as_it_was(tmp_pa
         with pytest.raises(OSError, match="No space left"):
             await commit(applier, DISK)
         assert not d.state.committed_failover and applier.points(DISK) == points
+    finally:
+        await applier.close()
+
+
+async def test_a_pass_ends_with_the_error_that_ends_the_applier_not_a_store_that_is_down(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every disk's apply finishes before a pass ends; of their errors, one the applier cannot retry (here
+    the seed directory's) wins over a store error, which only means "try again at the next pass"."""
+    store_dir, seed_dir = tmp_path / "cache", tmp_path / "seed"
+    policy = PolicyConfig(crash_point_interval_ms=0, retention_hours=1)
+    applier = Applier(LocalStore(store_dir, fsync=False), KeyRing(KEY), LocalVolumes(seed_dir, fsync=False),
+                      lambda disk: policy)
+    for disk in ("a", "b"):
+        _store_blob(store_dir, 1, 0, b"x" * 512, disk=disk)
+    get = applier.store.get
+
+    async def store_down_for_a(name: str) -> bytes:
+        if name.startswith("a/"):
+            raise StoreError("the store is down")
+        return await get(name)
+
+    def no_seed(size: int) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(applier.store, "get", store_down_for_a)
+    try:
+        await applier.disk("b")
+        monkeypatch.setattr(applier.disks["b"].volume, "_ensure_size", no_seed)
+        with pytest.raises(OSError, match="Read-only"):
+            await applier.apply_available(force=True)
     finally:
         await applier.close()
