@@ -53,7 +53,7 @@ from engine.recovery.azure_volume import (
     plan_reads,
 )
 from engine.recovery.service import open_recovery
-from engine.recovery.volume import SeedState
+from engine.recovery.volume import SeedState, VolumeBroken
 from engine.store import StoreError
 from engine.workload import ContentPool, random_writes
 from protocol.journal import EntryName
@@ -428,15 +428,14 @@ async def test_a_permanent_failure_inside_a_group_stops_changes(make_volumes) ->
     await vol.ensure_size(MiB)
     name = str(EntryName(0, 5, False, 1, 2))
     await vol.put_entry(name, b"before-images")
-    with pytest.raises(StoreError) as exc:  # beyond the page blob: the service refuses, retrying cannot help
+    with pytest.raises(VolumeBroken) as exc:  # beyond the page blob: the service refuses, retrying cannot help
         await vol.write_ranges([(2 * MiB, b"z" * 512)])
-    assert exc.value.transient is False
+    assert isinstance(exc.value.__cause__, StoreError) and exc.value.__cause__.transient is False
     for change in (vol.read_ranges([(0, 512)]), vol.write_ranges([(0, b"z" * 512)]),
                    vol.save_state(SeedState("d", MiB, applied_seq=5))):
-        with pytest.raises(StoreError, match="restarted") as refused:
+        with pytest.raises(VolumeBroken, match="opened again"):
             await change
-        assert refused.value.transient is False
-    assert await vol.list_entries() == [name]  # the entry stays: a restart rolls the group back from it
+    assert await vol.list_entries() == [name]  # the entry stays: opening the disk again rolls the group back
     other = volumes("other")  # other disks are not affected
     await other.ensure_size(MiB)
     await other.write_ranges([(0, b"o" * 512)])

@@ -212,33 +212,45 @@ def _store_blob(store_dir: Path, seq: int, offset: int, data: bytes, disk: str =
     path.write_bytes(bytes(Sealer(KEY).seal(record, header, os.urandom(12))))
 
 
+@pytest.mark.parametrize("seed", ["local", "azure"])
 async def test_a_group_failing_after_its_undo_entry_is_rolled_back_before_it_is_applied_again(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The state file cannot be saved (a full disk) after the group's writes landed. Applying the group again
-    on that image would store the half-applied image as the point before it: the volume refuses every
-    change, and the applier opens the disk again, which rolls the group back, before it retries."""
-    store_dir, seed_dir = tmp_path / "cache", tmp_path / "seed"
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, seed: str) -> None:
+    """The state cannot be saved (a full disk, a refused request) after the group's writes landed. Applying
+    the group again on that image would store the half-applied image as the point before it: the volume
+    refuses every change, and the applier opens the disk again, which rolls the group back, before it
+    retries."""
+    store_dir = tmp_path / "cache"
     policy = PolicyConfig(crash_point_interval_ms=0, retention_hours=1)
-    applier = Applier(LocalStore(store_dir, fsync=False), KeyRing(KEY), LocalVolumes(seed_dir, fsync=False),
-                      lambda disk: policy)
+    if seed == "local":
+        volumes: object = LocalVolumes(tmp_path / "seed", fsync=False)
+    else:
+        azurite = request.getfixturevalue("azurite")
+        volumes = AzureVolumes(AzureStoreConfig(connection_string=azurite.connection_string()),
+                               SeedAzureConfig(container=request.getfixturevalue("seed_container"),
+                                               prefix=f"{uuid.uuid4().hex}/"))
+    applier = Applier(LocalStore(store_dir, fsync=False), KeyRing(KEY), volumes, lambda disk: policy)  # type: ignore[arg-type]
     first, second = b"a" * 1024, b"b" * 512
     _store_blob(store_dir, 1, 0, first)
     try:
         assert await applier.apply_available(force=True) == 1
         _store_blob(store_dir, 2, 256, second)
         broken = applier.disks[DISK].volume
+        if seed == "local":
+            def full_disk(state: object) -> None:
+                raise OSError(28, "No space left on device")
 
-        def full_disk(state: object) -> None:
-            raise OSError(28, "No space left on device")
+            monkeypatch.setattr(broken, "_save_state", full_disk)
+        else:
+            async def refused(*args: object, **kwargs: object) -> None:
+                raise StoreError("No space left in the account (refused)", transient=False)
 
-        monkeypatch.setattr(broken, "_save_state", full_disk)
+            monkeypatch.setattr(broken._state, "upload_blob", refused)  # type: ignore[attr-defined]
         assert await applier.apply_available(force=True) == 0
-        with pytest.raises(VolumeBroken, match=r"seed disk 'm'.*up to sequence 2.*No space left.*opened again"):
-            await broken.write_ranges([(0, b"x")])
+        with pytest.raises(VolumeBroken, match=r"disk 'm'.*up to sequence 2.*No space left.*opened again"):
+            await broken.write_ranges([(0, b"x" * 512)])
         assert applier.disks[DISK].volume is not broken
         assert applier.applied_seq(DISK) == 1
-        assert (seed_dir / f"{DISK}.img").read_bytes()[:1024] == first  # rolled back
-        # a failover or its commit never sees memory ahead of the disk: the disk they get is the reopened one
+        assert (await applier.disks[DISK].volume.read_ranges([(0, 1024)]))[0] == first  # rolled back
         assert await applier.apply_available(force=True) == 1  # the disk has room again
         expected = {1: first + bytes(SIZE - 1024), 2: first[:256] + second + first[768:] + bytes(SIZE - 1024)}
         assert [p.seq for p in applier.points(DISK)] == [1, 2]

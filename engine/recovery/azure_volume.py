@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import datetime
+import errno
 import json
 import logging
 import os
@@ -72,7 +73,7 @@ from engine.applier import ApplierLocked
 from engine.azure_common import AzureContainer, backoff_delay
 from engine.config import AzureCredentials, AzureStoreConfig, Config, ConfigError, SeedAzureConfig
 from engine.fsutil import write_durably
-from engine.recovery.volume import GroupCommit, Progress, SeedState
+from engine.recovery.volume import GroupCommit, Progress, SeedState, VolumeBroken
 from engine.store.base import StoreError
 from protocol.journal import EntryName
 
@@ -437,7 +438,7 @@ class AzureVolume:
         self._size: int | None = None  # the page blob's size (a multiple of 512), once known
         self._disk_size = 0  # the logical size (metadata "disk_size")
         self._group: int | None = None  # seq_to of a group whose entry is stored but whose state is not yet
-        self._broken: str | None = None  # why this volume refuses changes until the applier restarts
+        self._broken: str | None = None  # why this volume refuses changes (until it is opened again)
         self._written: WrittenRanges | None = None  # the image's valid page ranges, if tracked
         self._written_loaded = False
 
@@ -705,22 +706,23 @@ class AzureVolume:
     async def _ready_to_change(self) -> None:
         await self._v.ready()
         if self._broken is not None:
-            raise StoreError(self._broken, transient=False)
+            raise VolumeBroken(errno.EIO, self._broken)
         if self._v.lease_lost:
             raise StoreError(f"{_LABEL}: disk {self.disk!r}: not changing it: {self._v.lease_lost}", transient=False)
 
     async def _change(self, op: str, name: str, call: Callable[[], Awaitable[T]]) -> T:
         """An idempotent write, retried in place on transient failures; a permanent one inside an apply group
-        leaves the volume refusing changes until the applier restarts (and rolls the group back)."""
+        leaves the volume refusing changes until it is opened again (which rolls the group back)."""
         try:
             return await self._v.persist(op, name, call)
         except StoreError as exc:
-            if self._group is not None:
-                self._broken = (f"{_LABEL}: disk {self.disk!r}: an apply group (up to sequence {self._group}) was "
-                                f"interrupted by a failure that retrying cannot fix ({exc}); no more changes until "
-                                "the applier is restarted, which rolls the group back from its undo entry")
-                log.error("%s", self._broken)
-            raise
+            if self._group is None:
+                raise
+            self._broken = (f"{_LABEL}: disk {self.disk!r}: an apply group (up to sequence {self._group}) was "
+                            f"interrupted by a failure that retrying cannot fix ({exc}); no more changes until "
+                            "the volume is opened again, which rolls the group back from its undo entry")
+            log.error("%s", self._broken)
+            raise VolumeBroken(errno.EIO, self._broken) from exc
 
 
 def _create_sparse(path: Path, size: int) -> int:
