@@ -208,9 +208,7 @@ class AgentConnection(asyncio.Protocol):
             raise RemoteProtocolError(ErrorCode.DISK_NOT_ALLOWED, "disk was failed over and the failover "
                                       "committed; replication of it has stopped", disk=frame.disk)
         stream = self.ctx.pipeline.stream(info)
-        if stream.log_failure is not None:
-            raise RemoteProtocolError(ErrorCode.DISK_NOT_ALLOWED, f"replication of this disk stopped: "
-                                      f"{stream.log_failure}", disk=frame.disk)
+        stream.check_not_stopped()
         for other in list(stream.listeners):  # a reconnect supersedes a connection not yet known dead
             if isinstance(other, AgentConnection) and other is not self:
                 other.fail(RemoteProtocolError(ErrorCode.SHUTTING_DOWN, "disk opened by a newer connection",

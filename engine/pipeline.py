@@ -224,12 +224,16 @@ class DiskStream:
                 disk=self.info.disk, seq=write.seq,
             )
 
-    def check_sequence(self, seq: int) -> bool:
-        """True if ``seq`` is the next one; False for a duplicate; raises on a gap, or if the disk was
-        stopped."""
+    def check_not_stopped(self, seq: int | None = None) -> None:
+        """Refuse the disk's writes (and its opening) once its log could not be read back."""
         if self.log_failure is not None:
             raise RemoteProtocolError(ErrorCode.DISK_NOT_ALLOWED, f"replication of this disk stopped: "
                                       f"{self.log_failure}", disk=self.info.disk, seq=seq)
+
+    def check_sequence(self, seq: int) -> bool:
+        """True if ``seq`` is the next one; False for a duplicate; raises on a gap, or if the disk was
+        stopped."""
+        self.check_not_stopped(seq)
         if seq <= self.accepted_seq:
             return False
         if seq != self.accepted_seq + 1:
@@ -283,7 +287,8 @@ class Pipeline:
         self._max_batch = int(config.batch.max_bytes)
         self._linger = config.batch.linger_ms / 1000
         self._min_batch = min(int(config.batch.min_bytes), self._max_batch)
-        self._min_batch_wait = config.batch.min_bytes_wait_ms / 1000
+        # how much longer than its linger a batch below min_bytes waits (a linger of 0 means: never wait)
+        self._small_batch_wait = max(0.0, config.batch.min_bytes_wait_ms / 1000 - self._linger) if self._linger else 0.0
         self._upload_group = GROUPED_UPLOAD_GROUP if hasattr(store, "put_files") else UPLOAD_GROUP
 
     # ------------------------------------------------------------ lifecycle
@@ -564,11 +569,9 @@ class Pipeline:
         is cut as soon as it reaches them (``_append``): slow disks make fewer, larger blobs."""
         stream.linger = None
         batch = stream.open_batch
-        longer = self._min_batch_wait - self._linger
-        if (batch is not None and not batch.overdue and batch.payload_bytes < self._min_batch and longer > 0
-                and self._linger > 0):  # linger 0: every batch goes at once, as asked
+        if batch is not None and not batch.overdue and batch.payload_bytes < self._min_batch and self._small_batch_wait:
             batch.overdue = True
-            stream.linger = asyncio.get_running_loop().call_later(longer, self._linger_expired, stream)
+            stream.linger = asyncio.get_running_loop().call_later(self._small_batch_wait, self._linger_expired, stream)
             return
         if stream.seal_in_flight:
             stream.cut_when_sealed = True

@@ -44,7 +44,7 @@ class GroupCommit:
     """Steps 2–4 of an apply group (see engine.applier), for a volume to carry out in this order: read
     the before-images of ``ranges`` and store ``encode_entry(before)`` durably as the undo entry
     ``entry_name``; apply ``writes`` and make them durable; then save ``state``. A crash anywhere in
-    between leaves an entry newer than the saved state, which the applier rolls back at its start."""
+    between leaves an entry newer than the saved state, which the applier rolls back when it opens the disk."""
 
     entry_name: str
     ranges: Sequence[tuple[int, int]]
@@ -190,7 +190,7 @@ class LocalVolume:
         commit = asyncio.ensure_future(asyncio.to_thread(self._commit_group, group))
         try:
             return await asyncio.shield(commit)
-        except asyncio.CancelledError:  # the thread goes on: what it leaves is known again after a restart
+        except asyncio.CancelledError:  # the thread goes on: what it leaves is rolled back at the next opening
             self._break(group, "the apply was cancelled while its thread was writing")
             commit.add_done_callback(lambda done: done.cancelled() or done.exception())  # logged by _break
             raise
