@@ -16,13 +16,32 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class WritebackError(OSError):
+    """The file system failed to write a file's data back. Linux marks the lost pages clean and reports the
+    error once: a second sync succeeds without writing them ("fsyncgate"), so the file can no longer be
+    trusted to be on disk and must be written again, into a new file, from a copy known to be whole."""
+
+
 def sync_data(path: Path) -> None:
-    """fdatasync a file written earlier (by this or another process)."""
+    """fdatasync a file written earlier (by this or another process); a failed sync is a WritebackError."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fdatasync(fd)
+    except OSError as exc:
+        raise WritebackError(exc.errno, exc.strerror, str(path)) from exc
     finally:
         os.close(fd)
+
+
+def sync_or_rewrite(path: Path, data: bytes | bytearray | memoryview) -> bool:
+    """Sync ``path``, whose content ``data`` was just read and checked; if the sync fails, write ``data`` to a new
+    file under the name instead (the old one's lost pages would pass the next sync). True if it was rewritten."""
+    try:
+        sync_data(path)
+    except WritebackError:
+        write_durably(path, data)
+        return True
+    return False
 
 
 def write_durably(path: Path, data: bytes | bytearray | memoryview, *, fsync: bool = True,

@@ -36,7 +36,7 @@ from engine.disks import DiskInfo
 from engine.nonces import RandomNonces
 from engine.spool import Spool, SpooledBlob, UploadWatermarks
 from engine.store import CacheStore
-from engine.store.base import StoreError
+from engine.store.base import StoreError, UnsyncedBlobs
 from engine.wal import SEGMENT_BYTES, ChunkPlace, GroupCommitter, Logged, LogRange, WriteAheadLog
 from protocol import SECTOR_SIZE, ErrorCode, LogBlobError, RemoteProtocolError, Tag, Write
 from protocol.logblob import (
@@ -279,6 +279,7 @@ class Pipeline:
         self._upload_queue: asyncio.Queue[Batch] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._uploaders: list[asyncio.Task[None]] = []
+        self._unsynced: set[Path] = set()  # spool blobs the store failed to sync: written again before a retry
         self._watermark_lock = asyncio.Lock()
         self._watermarks_dirty = False
         self._last_watermark_save = 0.0  # monotonic
@@ -323,9 +324,9 @@ class Pipeline:
                 elif blob.header.first_seq == durable + 1:
                     stale = False
                 else:
-                    # Spool writes complete in any order; acks only ever covered the contiguous prefix. A
-                    # blob after a hole was never acknowledged: the agent resends its writes.
-                    log.warning("spool: %s follows a hole at sequence %d; never acknowledged, dropped",
+                    # Spool writes complete in any order, and a torn or lost blob leaves a hole: what follows it
+                    # goes too, and the write-ahead log replays it (what it lacks was never acknowledged).
+                    log.warning("spool: %s follows a hole at sequence %d; dropped, the write-ahead log replays it",
                                 blob.name, durable + 1)
                     stale = True
                 if stale:
@@ -350,6 +351,8 @@ class Pipeline:
                                          retry_delays=self.config.upload.retry_delays)
         self._uploaders = [asyncio.create_task(self._upload_worker(), name=f"upload-{i}")
                            for i in range(self.config.upload.concurrency)]
+        for task in self._uploaders:
+            task.add_done_callback(_report_end_of_uploads)
 
     def stream(self, info: DiskInfo) -> DiskStream:
         stream = self.streams.get(info.disk)
@@ -626,7 +629,8 @@ class Pipeline:
                 if isinstance(exc.__cause__, OSError):  # may pass (EMFILE, ENOMEM, EIO): like a spool write
                     attempt = 0
                 elif attempt == READ_BACK_ATTEMPTS:  # read, but not as logged, each time
-                    self._stop_disk(stream, batch, exc)
+                    self._stop_disk(stream, f"its write-ahead log cannot be read back from sequence "
+                                            f"{batch.first_seq}: {exc}", "it needs a full resync")
                     return
                 delay = next(delays)
                 log.error("spool: cannot seal blob %s: %s; retrying in %.1fs", batch.name, exc, delay)
@@ -660,6 +664,8 @@ class Pipeline:
         """Sealed blobs leave for the store in sequence order, and only once the log holds their records:
         a spool blob is not fsynced, so a blob in the store with records the log lacks could, after a power
         loss, hold writes the agent was never told were durable — and numbers it then reuses."""
+        if stream.log_failure is not None:  # stopped on a blob it cannot store: the store gets no later one
+            return
         while stream.sealing and stream.sealing[0].sealed and stream.sealing[0].last_seq <= stream.durable_seq:
             done = stream.sealing.popleft()
             stream.uploading.append(done)
@@ -690,17 +696,17 @@ class Pipeline:
                                 f"offset {place.file_offset} of {place.path})") from exc
         return records
 
-    def _stop_disk(self, stream: DiskStream, batch: Batch, exc: Exception) -> None:
-        """Acknowledged writes of this disk are lost from the log (damage the read-back keeps finding): stop
-        taking its writes (the refusal stops its agent, as for a committed failover) and say so; other
-        agents go on. What it still holds (this batch, the ones after it) stays unstored and keeps its
-        log segments and its memory — bounded, since nothing is added. Not persisted: a restart replays
-        the log, where the damage shows as a hole in the disk's sequence."""
+    def _stop_disk(self, stream: DiskStream, failure: str, remedy: str) -> None:
+        """A blob of this disk cannot be made from what this process holds (damage the read-back keeps
+        finding in the log, or a blob file the file system failed to sync that no longer authenticates):
+        stop taking its writes (the refusal stops its agent, as for a committed failover) and say so;
+        other agents go on. What it still holds (that batch, the ones after it) stays unstored and keeps
+        its log segments and its memory — bounded, since nothing is added. Not persisted: a restart
+        replays the log (where damage shows as a hole in the disk's sequence)."""
         if stream.log_failure is not None:  # a later batch of the same disk: the first one is the news
             return
-        stream.log_failure = f"its write-ahead log cannot be read back from sequence {batch.first_seq}: {exc}"
-        log.critical("disk %r: %s; its writes are no longer accepted and it needs a full resync",
-                     stream.info.disk, stream.log_failure)
+        stream.log_failure = failure
+        log.critical("disk %r: %s; its writes are no longer accepted and %s", stream.info.disk, failure, remedy)
 
     # ------------------------------------------------------------ upload
 
@@ -711,25 +717,63 @@ class Pipeline:
             group = [await self._upload_queue.get()]
             while len(group) < self._upload_group and not self._upload_queue.empty():
                 group.append(self._upload_queue.get_nowait())
-            await self._upload_with_retry(group)
+            lost = await self._upload_with_retry(group)
             for batch in group:
-                batch.uploaded = True
-                self.stats.stored_bytes += batch.size
+                if batch.path not in lost:
+                    batch.uploaded = True
+                    self.stats.stored_bytes += batch.size
             await self._advance_uploaded({self.streams[batch.disk] for batch in group})
 
-    async def _upload_with_retry(self, group: list[Batch]) -> None:
+    async def _upload_with_retry(self, group: list[Batch]) -> set[Path]:
+        """Until every blob of the group is stored; returns the paths of those that never will be (their
+        disks stopped by :meth:`_rewrite_unsynced`)."""
         delays = self.config.upload.retry_delays()
-        pending = [(batch.name, batch.path) for batch in group if batch.path is not None]
+        pending = {batch.path: batch for batch in group if batch.path is not None}
+        lost: set[Path] = set()
         while True:
-            failed = await put_files(self.store, pending)
+            failed = await self._rewrite_unsynced(pending, lost)
+            sendable = [(batch.name, path) for path, batch in pending.items()
+                        if path not in failed and path not in lost]
+            if sendable:
+                failed |= {path: exc for (_, path), exc in await put_files(self.store, sendable)}
             if not failed:
-                return
+                return lost
+            for exc in failed.values():
+                if isinstance(exc, UnsyncedBlobs):
+                    self._unsynced |= exc.paths
             self.stats.upload_errors += len(failed)
-            (first, _), exc = failed[0]
+            first, exc = next(iter(failed.items()))
             delay = next(delays)
-            log.warning("upload of %d blob(s) failed, e.g. %s (%s); retrying in %.2fs", len(failed), first, exc, delay)
+            log.warning("upload of %d blob(s) failed, e.g. %s (%s); retrying in %.2fs", len(failed),
+                        pending[first].name, exc, delay)
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter spreads a thundering herd
-            pending = [item for item, _ in failed]
+            pending = {path: pending[path] for path in failed}
+
+    async def _rewrite_unsynced(self, pending: dict[Path, Batch], lost: set[Path]) -> dict[Path, Exception]:
+        """Write every pending blob whose data sync failed again, into a new file (Spool.rewrite): synced
+        again as it was, it would pass without its data on disk. Returns those that could not be written.
+        One whose page cache no longer authenticates goes to ``lost``: its disk stops until a restart
+        replays its records from the log."""
+        failed: dict[Path, Exception] = {}
+        for path in self._unsynced & pending.keys():
+            batch = pending[path]
+            try:
+                await asyncio.to_thread(self.spool.rewrite, path, self._keys)
+            except (LogBlobError, FileNotFoundError) as exc:
+                self._unsynced.discard(path)
+                lost.add(path)
+                self.spool.used_bytes -= batch.size
+                self._stop_disk(self.streams[batch.disk], f"the file system failed to sync blob {batch.name}, "
+                                f"and what is left of it does not authenticate ({exc})",
+                                "its writes are in the write-ahead log: restart the server, which replays them, "
+                                "then the agent")
+                continue
+            except OSError as exc:
+                failed[path] = exc
+                continue
+            self._unsynced.discard(path)
+            log.warning("spool: blob %s written again into a new file after its data sync failed", batch.name)
+        return failed
 
     async def _advance_uploaded(self, streams: set[DiskStream]) -> None:
         released: list[Batch] = []
@@ -835,6 +879,14 @@ class Pipeline:
 
 class ReadBackError(Exception):
     """Records of a batch could not be read back from the write-ahead log, or not as they were logged."""
+
+
+def _report_end_of_uploads(task: asyncio.Task[None]) -> None:
+    """An upload worker ends only when the pipeline closes; one that fails (a bug, a store raising what it
+    should not) would otherwise stop its share of the uploads in silence, its task held and never awaited."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.critical("%s ended: %r; the blobs it would have stored wait in the spool until a restart",
+                     task.get_name(), exc, exc_info=exc)
 
 
 def _settle(future: asyncio.Future[Any], outcome: object) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.filepool import FilePool
-from engine.fsutil import fsync_dir, sync_data, write_durably, write_in_place
+from engine.fsutil import fsync_dir, sync_or_rewrite, write_durably, write_in_place
 from protocol import LogBlobError
 from protocol.logblob import BLOB_SUFFIX, BlobHeader, KeyLookup, blob_name, open_blob
 
@@ -93,6 +93,22 @@ class Spool:
         for path in paths:
             self.pool.give(path)
 
+    def rewrite(self, path: Path, keys: KeyLookup) -> None:
+        """Blocking: write a blob whose data sync failed (UnsyncedBlobs) again, into a new file under its name.
+
+        Synced again as it is, the file would report success without its data on disk (WritebackError).
+        What the page cache still holds is the blob if it authenticates whole, and then goes to the new file.
+        If it does not, the file is removed and LogBlobError raised: its records are in the write-ahead log
+        (a blob leaves it only once stored), which the next start replays."""
+        data = path.read_bytes()
+        try:
+            _named_header(path, data)
+            open_blob(data, keys, name=path.name)
+        except LogBlobError:
+            path.unlink(missing_ok=True)
+            raise
+        write_durably(path, data, fsync=self.fsync)
+
     def recover(self, keys: KeyLookup) -> list[SpooledBlob]:
         """Blocking, at start-up: the intact blobs left by the previous run, in order.
 
@@ -111,10 +127,7 @@ class Spool:
                     continue
                 data = path.read_bytes()
                 try:
-                    header = BlobHeader.unpack(data, name=path.name)
-                    named = blob_name(header.disk, header.first_seq, header.last_seq)
-                    if named != f"{disk_dir.name}/{path.name}":  # a reused file's old content (engine/filepool.py)
-                        raise LogBlobError(f"holds blob {named}", name=path.name)
+                    header = _named_header(path, data)
                 except LogBlobError as exc:
                     _remove_torn(path, exc)
                     continue
@@ -127,7 +140,14 @@ class Spool:
                     _remove_torn(path, exc)
                     continue
                 if self.fsync:  # read from the page cache after a kill -9: it counts once it is on disk
-                    sync_data(path)
+                    try:
+                        if sync_or_rewrite(path, data):  # what was read authenticated: that copy is the blob
+                            log.error("spool: %s could not be synced; written again into a new file", path)
+                    except OSError as exc:  # the log holds its records (beyond the saved watermark)
+                        log.error("spool: %s cannot be made durable (%s); the write-ahead log replays its "
+                                  "records", path, exc)
+                        path.unlink(missing_ok=True)
+                        continue
                 size = len(data)
                 found.append(SpooledBlob(blob_name(header.disk, header.first_seq, header.last_seq), path, size,
                                          header))
@@ -135,6 +155,15 @@ class Spool:
             if self.fsync:  # a name renamed into place just before a kill -9 may not be on disk yet
                 fsync_dir(disk_dir)
         return found
+
+
+def _named_header(path: Path, data: bytes) -> BlobHeader:
+    """The header of the blob file at ``path``, which must name the blob the file is named after."""
+    header = BlobHeader.unpack(data, name=path.name)
+    named = blob_name(header.disk, header.first_seq, header.last_seq)
+    if named != f"{path.parent.name}/{path.name}":  # a reused file's old content (engine/filepool.py)
+        raise LogBlobError(f"holds blob {named}", name=path.name)
+    return header
 
 
 def _remove_torn(path: Path, exc: LogBlobError) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.fsutil import fsync_dir, private_dir, sync_data
+from engine.fsutil import fsync_dir, private_dir, sync_or_rewrite
 from engine.nonces import RandomNonces
 from protocol import LogBlobError
 from protocol.logblob import KeyLookup
@@ -115,8 +115,8 @@ class WriteAheadLog:
                 for section in chunk.sections:
                     segment.last_seqs[section.disk] = max(segment.last_seqs.get(section.disk, 0), section.last_seq)
                 sections += [s for s in chunk.sections if s.last_seq > after.get(s.disk, 0)]
-            if self.fsync:
-                sync_data(path)
+            if self.fsync and sync_or_rewrite(path, data):  # its chunks authenticated as read: they are the log
+                log.error("write-ahead log: %s could not be synced; written again into a new file", path)
             self._closed.append(segment)
             self._next_segment = int(path.stem) + 1
         if self.fsync:

@@ -14,13 +14,26 @@ class StoreError(Exception):
         self.transient = transient
 
 
+class UnsyncedBlobs(OSError):
+    """A local store could not make these blob files' data durable, and stored none of them. Syncing such a
+    file again would report success without writing it (engine.fsutil.WritebackError): each must be written
+    again into a new file before it is put again."""
+
+    def __init__(self, failures: dict[Path, OSError]) -> None:
+        path, first = next(iter(failures.items()))
+        super().__init__(first.errno, f"cannot sync the data of {len(failures)} blob file(s), e.g. {path}: "
+                                      f"{first.strerror}")
+        self.paths = frozenset(failures)
+
+
 class CacheStore(Protocol):
     """Blob names come from ``protocol.logblob.blob_name``: the same sequence range
     always has the same name, so every put is idempotent and a retry or a restart
     can never duplicate data."""
 
     async def put_file(self, name: str, path: Path) -> None:
-        """Store the (complete, fsynced) file at ``path`` under ``name``, durably."""
+        """Store the file at ``path`` under ``name``, durably. A store that syncs the file itself raises
+        UnsyncedBlobs when that fails."""
 
     async def make_directory(self, disk: str) -> None:
         """Prepare whatever ``disk``'s blobs need before the first one arrives (nothing in a container

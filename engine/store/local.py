@@ -13,7 +13,8 @@ from pathlib import Path
 import aiofiles.os
 
 from engine.filepool import FilePool
-from engine.fsutil import fsync_dir, sync_data
+from engine.fsutil import WritebackError, fsync_dir, sync_data
+from engine.store.base import UnsyncedBlobs
 from protocol.frames import disk_id_problem
 from protocol.logblob import BLOB_SUFFIX, blob_name, parse_blob_name
 
@@ -53,12 +54,21 @@ class LocalStore:
         of blobs in hundreds of directories (1000 disks) costs a few flushes of the disk instead of two
         per blob, one after the other, which kept the store at a third of what 1000 agents sent
         (docs/benchmarks.md)."""
-        if self.fsync and not self._copy:  # a copy is synced under its temporary name instead
-            list(self._syncs.map(sync_data, {source for _, source in items}))
+        if self.fsync:  # in copy mode too: a failed writeback of the spool file shows only here
+            sources = list({source for _, source in items})
+            failures = {source: exc for source, exc in zip(sources, self._syncs.map(_writeback_failure, sources))
+                        if exc is not None}
+            if failures:
+                raise UnsyncedBlobs(failures)
         for target, source in items:
             self._link(target, source)
         if self.fsync:
-            list(self._syncs.map(fsync_dir, {target.parent for target, _ in items}))
+            try:
+                list(self._syncs.map(fsync_dir, {target.parent for target, _ in items}))
+            except OSError:  # synced again as they are, the directories would pass without their new names
+                for target, _ in items:
+                    target.unlink(missing_ok=True)  # the retry makes them again, and the directories dirty
+                raise
 
     def _link(self, target: Path, source: Path) -> None:
         """Give ``source`` (its data already synced: the spool does not sync its blobs, and a new name may
@@ -146,3 +156,12 @@ class LocalStore:
 
     async def close(self) -> None:
         self._syncs.shutdown(wait=False)
+
+
+def _writeback_failure(path: Path) -> WritebackError | None:
+    """Sync one blob file's data; a failed writeback is returned, so a group names every file it hit."""
+    try:
+        sync_data(path)
+    except WritebackError as exc:
+        return exc
+    return None
