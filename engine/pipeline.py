@@ -36,7 +36,7 @@ from engine.disks import DiskInfo
 from engine.nonces import RandomNonces
 from engine.spool import Spool, SpooledBlob, UploadWatermarks
 from engine.store import CacheStore
-from engine.store.base import StoreError, UnsyncedBlobs
+from engine.store.base import StoreError, UntrustedBlobFiles
 from engine.wal import SEGMENT_BYTES, ChunkPlace, GroupCommitter, Logged, LogRange, WriteAheadLog
 from protocol import SECTOR_SIZE, ErrorCode, LogBlobError, RemoteProtocolError, Tag, Write
 from protocol.logblob import (
@@ -279,7 +279,7 @@ class Pipeline:
         self._upload_queue: asyncio.Queue[Batch] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._uploaders: list[asyncio.Task[None]] = []
-        self._unsynced: set[Path] = set()  # spool blobs the store failed to sync: written again before a retry
+        self._untrusted: set[Path] = set()  # spool blobs a store would not take as they are: written again first
         self._watermark_lock = asyncio.Lock()
         self._watermarks_dirty = False
         self._last_watermark_save = 0.0  # monotonic
@@ -726,12 +726,12 @@ class Pipeline:
 
     async def _upload_with_retry(self, group: list[Batch]) -> set[Path]:
         """Until every blob of the group is stored; returns the paths of those that never will be (their
-        disks stopped by :meth:`_rewrite_unsynced`)."""
+        disks stopped by :meth:`_rewrite_untrusted`)."""
         delays = self.config.upload.retry_delays()
         pending = {batch.path: batch for batch in group if batch.path is not None}
         lost: set[Path] = set()
         while True:
-            failed = await self._rewrite_unsynced(pending, lost)
+            failed = await self._rewrite_untrusted(pending, lost)
             sendable = [(batch.name, path) for path, batch in pending.items()
                         if path not in failed and path not in lost]
             if sendable:
@@ -739,8 +739,8 @@ class Pipeline:
             if not failed:
                 return lost
             for exc in failed.values():
-                if isinstance(exc, UnsyncedBlobs):
-                    self._unsynced |= exc.paths
+                if isinstance(exc, UntrustedBlobFiles):
+                    self._untrusted |= exc.paths
             self.stats.upload_errors += len(failed)
             first, exc = next(iter(failed.items()))
             delay = next(delays)
@@ -749,30 +749,31 @@ class Pipeline:
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter spreads a thundering herd
             pending = {path: pending[path] for path in failed}
 
-    async def _rewrite_unsynced(self, pending: dict[Path, Batch], lost: set[Path]) -> dict[Path, Exception]:
-        """Write every pending blob whose data sync failed again, into a new file (Spool.rewrite): synced
-        again as it was, it would pass without its data on disk. Returns those that could not be written.
-        One whose page cache no longer authenticates goes to ``lost``: its disk stops until a restart
+    async def _rewrite_untrusted(self, pending: dict[Path, Batch], lost: set[Path]) -> dict[Path, Exception]:
+        """Write every pending blob the store would not trust again, into a new file (Spool.rewrite): synced
+        again as it was, after a failed sync, it would pass without its data on disk. Returns those that could
+        not be written. One that no longer authenticates goes to ``lost``: its disk stops until a restart
         replays its records from the log."""
         failed: dict[Path, Exception] = {}
-        for path in self._unsynced & pending.keys():
+        for path in self._untrusted & pending.keys():
             batch = pending[path]
             try:
                 await asyncio.to_thread(self.spool.rewrite, path, self._keys)
             except (LogBlobError, FileNotFoundError) as exc:
-                self._unsynced.discard(path)
+                self._untrusted.discard(path)
                 lost.add(path)
                 self.spool.used_bytes -= batch.size
-                self._stop_disk(self.streams[batch.disk], f"the file system failed to sync blob {batch.name}, "
-                                f"and what is left of it does not authenticate ({exc})",
+                self._stop_disk(self.streams[batch.disk], f"the spool's file of blob {batch.name} failed to "
+                                f"sync or read back, and what is left of it does not authenticate ({exc})",
                                 "its writes are in the write-ahead log: restart the server, which replays them, "
                                 "then the agent")
                 continue
             except OSError as exc:
                 failed[path] = exc
                 continue
-            self._unsynced.discard(path)
-            log.warning("spool: blob %s written again into a new file after its data sync failed", batch.name)
+            self._untrusted.discard(path)
+            log.warning("spool: blob %s written again into a new file (the store could not trust it as it was)",
+                        batch.name)
         return failed
 
     async def _advance_uploaded(self, streams: set[DiskStream]) -> None:

@@ -33,7 +33,7 @@ from engine.spool import Spool, UploadWatermarks, pool_dir
 from engine.store import CacheStore, LocalStore
 from engine.store.base import StoreError
 from engine.tls import generate_self_signed, server_context
-from protocol.logblob import Sealer
+from protocol.logblob import KeyLookup, Sealer
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,12 @@ class ConnectInfo:
     token_file: Path | None
 
 
-def open_store(config: Config) -> CacheStore:
+def open_store(config: Config, keys: KeyLookup | None = None) -> CacheStore:
+    """``keys``: for the server's uploads, which a remote store authenticates before it sends them."""
     if config.store.kind == "azure":
         from engine.store.azure import AzureBlobStore  # the Azure SDK is only imported when it is used
 
-        return AzureBlobStore(config.store.azure)
+        return AzureBlobStore(config.store.azure, keys=keys)
     return LocalStore(config.store_dir, fsync=config.spool.fsync, pool=FilePool(pool_dir(config.spool_dir)))
 
 
@@ -124,7 +125,7 @@ class ProcessServer:
         agents = AgentRegistry.load(cfg.agents_file)
         disks = DiskRegistry(cfg.state_dir / "disks")
         spool = Spool(cfg.spool_dir, int(cfg.spool.max_bytes), fsync=cfg.spool.fsync)
-        self.store = open_store(cfg)
+        self.store = open_store(cfg, keys.lookup)
         watermarks = UploadWatermarks(cfg.state_dir / "uploaded.json")
         self.pipeline = Pipeline(cfg, Sealer(keys.current), spool, self.store, watermarks, keys=keys.lookup)
         await self.pipeline.start(list(disks))

@@ -186,6 +186,23 @@ def open_blob(data: bytes | memoryview, keys: KeyLookup, *, name: str | None = N
     Raises LogBlobError with a reason an operator can act on; never returns
     unauthenticated bytes.
     """
+    header, payload = authenticate_blob(data, keys, name=name)
+    if header.codec is Codec.NONE:
+        records = payload
+    else:
+        try:
+            records = lz4.block.decompress(payload, uncompressed_size=header.raw_size)
+        except lz4.block.LZ4BlockError as exc:
+            raise LogBlobError(f"lz4 decompression failed: {exc}", disk=header.disk, name=name) from None
+    if len(records) != header.raw_size:
+        raise LogBlobError(f"records are {len(records)} bytes, header says {header.raw_size}",
+                           disk=header.disk, name=name)
+    return header, records
+
+
+def authenticate_blob(data: bytes | memoryview, keys: KeyLookup, *,
+                      name: str | None = None) -> tuple[BlobHeader, bytes]:
+    """Authenticate and decrypt a blob, not decompress it: its header and its (compressed) payload."""
     header = BlobHeader.unpack(data, name=name)
     expected = header.size + header.payload_size + GCM_TAG_SIZE
     if len(data) != expected:
@@ -199,17 +216,7 @@ def open_blob(data: bytes | memoryview, keys: KeyLookup, *, name: str | None = N
     except InvalidTag:
         raise LogBlobError("authentication failed: the blob was altered or sealed with another key",
                            disk=header.disk, name=name) from None
-    if header.codec is Codec.NONE:
-        records = payload
-    else:
-        try:
-            records = lz4.block.decompress(payload, uncompressed_size=header.raw_size)
-        except lz4.block.LZ4BlockError as exc:
-            raise LogBlobError(f"lz4 decompression failed: {exc}", disk=header.disk, name=name) from None
-    if len(records) != header.raw_size:
-        raise LogBlobError(f"records are {len(records)} bytes, header says {header.raw_size}",
-                           disk=header.disk, name=name)
-    return header, records
+    return header, payload
 
 
 def iter_records(records: bytes | memoryview, header: BlobHeader, *, name: str | None = None) -> Iterator[Record]:

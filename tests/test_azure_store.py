@@ -28,14 +28,25 @@ from azure.storage.blob import BlobType, ContainerSasPermissions, generate_conta
 from azure.storage.blob.aio import BlobServiceClient
 from azurite import ACCOUNT, ACCOUNT_KEY, Azurite
 from faultproxy import FaultProxy
-from support import agent_for, make_config, sha, wait_for, write_random
+from support import agent_for, make_config, running_pipeline, sha, wait_for, write_random
 
 from engine.config import AZURE_ENV, AzureStoreConfig, ConfigError, parse_config
 from engine.keys import KeyRing
 from engine.server import ProcessServer, build_applier, open_store
 from engine.store import AzureBlobStore, StoreError
 from engine.workload import ContentPool
-from protocol.logblob import BlobHeader, Sealer, blob_name, parse_blob_name, write_record_header
+from protocol import Write
+from protocol.logblob import (
+    BlobHeader,
+    KeyLookup,
+    Sealer,
+    blob_name,
+    iter_records,
+    key_id_of,
+    open_blob,
+    parse_blob_name,
+    write_record_header,
+)
 
 MiB = 1024 * 1024
 BAD_KEY = base64.b64encode(hashlib.sha512(b"not the account key").digest()).decode()  # valid base64, wrong
@@ -49,11 +60,12 @@ async def make_store(azurite: Azurite, admin: BlobServiceClient) -> AsyncIterato
     """Stores on fresh containers; closed, and their containers deleted, after the test."""
     stores: list[AzureBlobStore] = []
 
-    def make(**settings: object) -> AzureBlobStore:
+    def make(*, store_class: type[AzureBlobStore] = AzureBlobStore, keys: KeyLookup | None = None,
+             **settings: object) -> AzureBlobStore:
         settings.setdefault("container", azurite.new_container())
         if not {"account_url", "connection_string"} & settings.keys():
             settings["connection_string"] = azurite.connection_string()
-        store = AzureBlobStore(AzureStoreConfig(**settings))  # type: ignore[arg-type]
+        store = store_class(AzureStoreConfig(**settings), keys=keys)  # type: ignore[arg-type]
         stores.append(store)
         return store
 
@@ -213,6 +225,49 @@ async def test_large_blobs_go_up_as_blocks(tmp_path: Path, make_store, admin: Bl
 
 
 # --------------------------------------------------------------------------------------------- credentials
+
+
+class HeldStore(AzureBlobStore):
+    """Uploads wait until ``release`` is set."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.release = asyncio.Event()
+
+    async def put_file(self, name: str, path: Path) -> None:
+        await self.release.wait()
+        await super().put_file(name, path)
+
+
+async def test_a_spool_file_read_back_damaged_is_not_uploaded_and_the_log_brings_it_back(
+        tmp_path: Path, make_store, caplog: pytest.LogCaptureFixture) -> None:
+    """A spool file is not synced: after a failed writeback whose pages were evicted, reading it gives what the
+    disk holds. Uploaded unchecked, that would count as stored and the log would let the writes go. The
+    server's store authenticates what it read; the blob's disk stops and a restart replays it from the log."""
+    key = bytes(range(32))
+    keys = {key_id_of(key): key}.get
+    config = make_config(tmp_path / "data", upload={"retry_initial_ms": 20})
+    held = make_store(store_class=HeldStore, keys=keys)
+    writes = [Write.make(1, seq, 4096 * seq, bytes([seq]) * 4096, 0) for seq in (1, 2, 3)]
+    name = blob_name("d", 1, 3)
+    async with running_pipeline(config, key=key, store=held) as pipeline:
+        stream = pipeline.streams["d"]
+        for write in writes:
+            assert pipeline.accept_write(stream, write)
+        await wait_for(lambda: stream.durable_seq == 3 and (config.spool_dir / name).exists(), "the spooled blob")
+        damaged = bytearray((config.spool_dir / name).read_bytes())
+        damaged[-40] ^= 0xFF  # header intact: only authentication can tell
+        (config.spool_dir / name).write_bytes(damaged)
+        held.release.set()
+        failure = await wait_for(lambda: stream.log_failure, "the disk to stop")
+        assert name in failure and "does not authenticate" in failure
+        assert await held.list_blobs() == [] and pipeline.watermarks.seqs.get("d", 0) == 0
+    store = make_store(container=held.settings.container, keys=keys)
+    async with running_pipeline(config, key=key, store=store) as pipeline:
+        await pipeline.drain()
+        assert await store.list_blobs() == [name]
+        header, records = open_blob(await store.get(name), keys, name=name)
+        assert {r.seq: bytes(r.data) for r in iter_records(records, header)} == {w.seq: w.data for w in writes}
 
 
 def _sas(azurite_container: str, key: str = ACCOUNT_KEY) -> str:

@@ -33,9 +33,9 @@ from azure.storage.blob import ContentSettings
 
 from engine.azure_common import AzureContainer, is_container_missing
 from engine.config import AzureCredentials, AzureStoreConfig
-from engine.store.base import StoreError
+from engine.store.base import StoreError, UntrustedBlobFiles
 from protocol import LogBlobError
-from protocol.logblob import HEADER_FIXED, BlobHeader, parse_blob_name
+from protocol.logblob import HEADER_FIXED, BlobHeader, KeyLookup, authenticate_blob, parse_blob_name
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,10 @@ class AzureBlobStore(AzureContainer):
     auth_hint = ("check the account key / SAS token / connection string in store.azure or the environment, and the "
                  "SAS permissions and expiry")
 
-    def __init__(self, settings: AzureStoreConfig, credentials: AzureCredentials | None = None) -> None:
+    def __init__(self, settings: AzureStoreConfig, credentials: AzureCredentials | None = None, *,
+                 keys: KeyLookup | None = None) -> None:
+        """``keys``: authenticate every blob file before it is uploaded (the server's uploads)."""
+        self.keys = keys
         super().__init__(settings, credentials or settings.credentials(), settings.container, settings.prefix,
                          max_single_get_size=32 * 1024 * 1024, max_chunk_get_size=4 * 1024 * 1024)
         self._container_ready = False
@@ -75,7 +78,7 @@ class AzureBlobStore(AzureContainer):
 
     async def put_file(self, name: str, path: Path) -> None:
         blob = self._blob(name)
-        data = await asyncio.to_thread(path.read_bytes)
+        data = await asyncio.to_thread(self._read, path, name)
         metadata = self._metadata(name, data)
         await self._ensure_container()
         try:
@@ -87,6 +90,18 @@ class AzureBlobStore(AzureContainer):
             if is_container_missing(exc):
                 self._container_ready = False  # deleted under us: create it again on the retry
             raise self.error("upload", name, exc) from None
+
+    def _read(self, path: Path, name: str) -> bytes:
+        """A spool file is not synced (the write-ahead log holds its records until the store has them): after
+        a failed writeback whose pages were evicted, reading it returns what the disk holds. Uploaded
+        unchecked, that would count as stored and the log let go of the writes."""
+        data = path.read_bytes()
+        if self.keys is not None:
+            try:
+                authenticate_blob(data, self.keys, name=name)
+            except LogBlobError as exc:
+                raise UntrustedBlobFiles({path: exc}) from None
+        return data
 
     async def list_blobs(self) -> list[str]:
         names: list[str] = []

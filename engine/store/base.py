@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Protocol
 
@@ -14,15 +15,16 @@ class StoreError(Exception):
         self.transient = transient
 
 
-class UnsyncedBlobs(OSError):
-    """A local store could not make these blob files' data durable, and stored none of them. Syncing such a
-    file again would report success without writing it (engine.fsutil.WritebackError): each must be written
-    again into a new file before it is put again."""
+class UntrustedBlobFiles(OSError):
+    """Blob files a store would not take as they are, and stored none of: a local store failed to sync their
+    data (syncing again would report success without writing it: engine.fsutil.WritebackError), or what a
+    remote store read of them does not authenticate. Each must be written again into a new file, from a copy
+    that authenticates, before it is put again."""
 
-    def __init__(self, failures: dict[Path, OSError]) -> None:
+    def __init__(self, failures: dict[Path, Exception]) -> None:
         path, first = next(iter(failures.items()))
-        super().__init__(first.errno, f"cannot sync the data of {len(failures)} blob file(s), e.g. {path}: "
-                                      f"{first.strerror}")
+        super().__init__(errno.EIO, f"{len(failures)} blob file(s) cannot be trusted as they are, e.g. {path}: "
+                                    f"{first}")
         self.paths = frozenset(failures)
 
 
@@ -32,8 +34,8 @@ class CacheStore(Protocol):
     can never duplicate data."""
 
     async def put_file(self, name: str, path: Path) -> None:
-        """Store the file at ``path`` under ``name``, durably. A store that syncs the file itself raises
-        UnsyncedBlobs when that fails."""
+        """Store the file at ``path`` under ``name``, durably. UntrustedBlobFiles if the store cannot trust what
+        the file holds (its sync failed, or what was read does not authenticate)."""
 
     async def make_directory(self, disk: str) -> None:
         """Prepare whatever ``disk``'s blobs need before the first one arrives (nothing in a container

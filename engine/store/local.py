@@ -14,7 +14,7 @@ import aiofiles.os
 
 from engine.filepool import FilePool
 from engine.fsutil import WritebackError, fsync_dir, sync_data
-from engine.store.base import UnsyncedBlobs
+from engine.store.base import UntrustedBlobFiles
 from protocol.frames import disk_id_problem
 from protocol.logblob import BLOB_SUFFIX, blob_name, parse_blob_name
 
@@ -59,7 +59,7 @@ class LocalStore:
             failures = {source: exc for source, exc in zip(sources, self._syncs.map(_writeback_failure, sources))
                         if exc is not None}
             if failures:
-                raise UnsyncedBlobs(failures)
+                raise UntrustedBlobFiles(failures)
         for target, source in items:
             self._link(target, source)
         if self.fsync:
