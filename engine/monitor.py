@@ -320,7 +320,9 @@ class Monitor:
         stored_moved = stats.stored_bytes != self._last_stored
         errors_moved = stats.upload_errors != self._last_upload_errors
         self._last_stored, self._last_upload_errors = stats.stored_bytes, stats.upload_errors
-        waiting = self.pipeline._upload_queue.qsize() or any(s.uploading for s in self.pipeline.streams.values())
+        # a stopped disk's blob that will never be stored (Pipeline._stop_disk) is not the store failing
+        waiting = self.pipeline._upload_queue.qsize() or any(s.uploading and s.log_failure is None
+                                                             for s in self.pipeline.streams.values())
         if stored_moved or not waiting:
             self._upload_failing_since = None
         elif errors_moved and self._upload_failing_since is None:

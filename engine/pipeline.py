@@ -166,7 +166,7 @@ class DiskStream:
         self.applied_seq: int | None = None
         self._stored_at_start = durable_seq
         self.apply_failure: str | None = None
-        self.log_failure: str | None = None  # its logged records cannot be read back: stopped, needs a resync
+        self.log_failure: str | None = None  # a blob of it cannot be made: stopped (Pipeline._stop_disk)
 
     def note_applied(self, seq: int) -> None:
         if seq > (self.applied_seq or 0):
@@ -279,7 +279,8 @@ class Pipeline:
         self._upload_queue: asyncio.Queue[Batch] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._uploaders: list[asyncio.Task[None]] = []
-        self._untrusted: set[Path] = set()  # spool blobs a store would not take as they are: written again first
+        # spool blobs a store would not take as they are, to write again first: failed attempts at that
+        self._untrusted: dict[Path, int] = {}
         self._watermark_lock = asyncio.Lock()
         self._watermarks_dirty = False
         self._last_watermark_save = 0.0  # monotonic
@@ -740,7 +741,7 @@ class Pipeline:
                 return lost
             for exc in failed.values():
                 if isinstance(exc, UntrustedBlobFiles):
-                    self._untrusted |= exc.paths
+                    self._untrusted.update((path, self._untrusted.get(path, 0)) for path in exc.paths)
             self.stats.upload_errors += len(failed)
             first, exc = next(iter(failed.items()))
             delay = next(delays)
@@ -752,29 +753,40 @@ class Pipeline:
     async def _rewrite_untrusted(self, pending: dict[Path, Batch], lost: set[Path]) -> dict[Path, Exception]:
         """Write every pending blob the store would not trust again, into a new file (Spool.rewrite): synced
         again as it was, after a failed sync, it would pass without its data on disk. Returns those that could
-        not be written. One that no longer authenticates goes to ``lost``: its disk stops until a restart
-        replays its records from the log."""
+        not be written. One that no longer authenticates, is gone, or cannot be written in READ_BACK_ATTEMPTS
+        goes to ``lost`` (its group's other blobs must not wait on it for good): its disk stops until a
+        restart replays its records from the log."""
         failed: dict[Path, Exception] = {}
-        for path in self._untrusted & pending.keys():
+        for path in self._untrusted.keys() & pending.keys():
             batch = pending[path]
             try:
                 await asyncio.to_thread(self.spool.rewrite, path, self._keys)
-            except (LogBlobError, FileNotFoundError) as exc:
-                self._untrusted.discard(path)
-                lost.add(path)
-                self.spool.used_bytes -= batch.size
-                self._stop_disk(self.streams[batch.disk], f"the spool's file of blob {batch.name} failed to "
-                                f"sync or read back, and what is left of it does not authenticate ({exc})",
-                                "its writes are in the write-ahead log: restart the server, which replays them, "
-                                "then the agent")
-                continue
             except OSError as exc:
-                failed[path] = exc
+                self._untrusted[path] += 1
+                if not isinstance(exc, FileNotFoundError) and self._untrusted[path] < READ_BACK_ATTEMPTS:
+                    failed[path] = exc
+                    continue
+                self._lose(batch, exc, lost)
                 continue
-            self._untrusted.discard(path)
+            except LogBlobError as exc:
+                self._lose(batch, exc, lost)
+                continue
+            del self._untrusted[path]
             log.warning("spool: blob %s written again into a new file (the store could not trust it as it was)",
                         batch.name)
         return failed
+
+    def _lose(self, batch: Batch, exc: Exception, lost: set[Path]) -> None:
+        """Give up a spool blob that cannot be stored: its disk stops, and its writes wait in the log."""
+        assert batch.path is not None
+        self._untrusted.pop(batch.path, None)
+        lost.add(batch.path)
+        batch.path.unlink(missing_ok=True)
+        self.spool.used_bytes -= batch.size
+        self._stop_disk(self.streams[batch.disk], f"the spool's file of blob {batch.name} could not be trusted as it "
+                        f"was (a failed sync or read), nor written again from it ({exc})",
+                        "what it acknowledged is in the write-ahead log: restart the server, which replays it, "
+                        "then the agent")
 
     async def _advance_uploaded(self, streams: set[DiskStream]) -> None:
         released: list[Batch] = []

@@ -94,9 +94,9 @@ class Spool:
             self.pool.give(path)
 
     def rewrite(self, path: Path, keys: KeyLookup) -> None:
-        """Blocking: write a blob whose data sync failed (UnsyncedBlobs) again, into a new file under its name.
-
-        Synced again as it is, the file would report success without its data on disk (WritebackError).
+        """Blocking: write a blob a store would not trust as it is (UntrustedBlobFiles) again, into a new file
+        under its name. After a failed sync, synced again as it is, the file would report success without its
+        data on disk (WritebackError).
         What the page cache still holds is the blob if it authenticates whole, and then goes to the new file.
         If it does not, the file is removed and LogBlobError raised: its records are in the write-ahead log
         (a blob leaves it only once stored), which the next start replays."""

@@ -239,11 +239,13 @@ class HeldStore(AzureBlobStore):
         await super().put_file(name, path)
 
 
+@pytest.mark.parametrize("disk_holds", ["altered bytes", "the blob the reused file held before"])
 async def test_a_spool_file_read_back_damaged_is_not_uploaded_and_the_log_brings_it_back(
-        tmp_path: Path, make_store, caplog: pytest.LogCaptureFixture) -> None:
+        disk_holds: str, tmp_path: Path, make_store) -> None:
     """A spool file is not synced: after a failed writeback whose pages were evicted, reading it gives what the
-    disk holds. Uploaded unchecked, that would count as stored and the log would let the writes go. The
-    server's store authenticates what it read; the blob's disk stops and a restart replays it from the log."""
+    disk holds — stale bytes, or, for a reused file (engine/filepool.py), a whole older blob. Uploaded
+    unchecked, that would count as stored and the log would let the writes go. The server's store checks
+    what it read; the blob's disk stops and a restart replays it from the log."""
     key = bytes(range(32))
     keys = {key_id_of(key): key}.get
     config = make_config(tmp_path / "data", upload={"retry_initial_ms": 20})
@@ -257,10 +259,12 @@ async def test_a_spool_file_read_back_damaged_is_not_uploaded_and_the_log_brings
         await wait_for(lambda: stream.durable_seq == 3 and (config.spool_dir / name).exists(), "the spooled blob")
         damaged = bytearray((config.spool_dir / name).read_bytes())
         damaged[-40] ^= 0xFF  # header intact: only authentication can tell
-        (config.spool_dir / name).write_bytes(damaged)
+        older = seal_file(tmp_path, Sealer(key), "d", 7, 9, write_size=len(writes[0].data))[2]
+        (config.spool_dir / name).write_bytes(damaged if disk_holds == "altered bytes" else older)
         held.release.set()
         failure = await wait_for(lambda: stream.log_failure, "the disk to stop")
-        assert name in failure and "does not authenticate" in failure
+        assert name in failure and "could not be trusted" in failure
+        assert ("authentication failed" if disk_holds == "altered bytes" else "holds blob") in failure
         assert await held.list_blobs() == [] and pipeline.watermarks.seqs.get("d", 0) == 0
     store = make_store(container=held.settings.container, keys=keys)
     async with running_pipeline(config, key=key, store=store) as pipeline:

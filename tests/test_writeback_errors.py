@@ -11,6 +11,7 @@ lost page cache would (changed bytes). Everything else is real: files, syncs, sp
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from test_wal import StoreDown
 
 import engine.fsutil
 from engine.config import Config
+from engine.monitor import Monitor
+from engine.pipeline import READ_BACK_ATTEMPTS
 from engine.spool import Spool
 from engine.store import LocalStore
 from protocol import Write
@@ -106,16 +109,21 @@ async def test_a_blob_whose_data_sync_failed_is_stored_from_a_new_file(
 async def test_a_blob_lost_with_its_failed_sync_stops_its_disk_and_the_log_brings_it_back(
         mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """The page cache no longer holds the blob: only the log has its writes. The disk stops (its agent
-    is refused, not acknowledged into a hole) and its blob never goes to the store, nor any later one; a
-    restart replays them."""
+    is refused, not acknowledged into a hole) and the blob never goes to the store; a restart replays it."""
     config = make_config(tmp_path / "data", upload={"retry_initial_ms": 20})
     monkeypatch.setattr(engine.fsutil.os, "fdatasync", FailingWriteback(config.spool_dir, damage=True))
     name = blob_name("d", 1, 3)
     async with running_pipeline(config, key=KEY, store=local_store(config, mode)) as pipeline:
+        monitor = Monitor(config, pipeline, None, upload_failing_s=0.1, interval_s=0.02)
+        observing = asyncio.create_task(monitor.run())  # watching while the uploads fail
         await write_and_wait_for_acks(pipeline, WRITES)
         stream = pipeline.streams["d"]
         failure = await wait_for(lambda: stream.log_failure, "the disk to stop")
-        assert name in failure and "does not authenticate" in failure
+        assert name in failure and "could not be trusted" in failure and "authentication failed" in failure
+        await asyncio.sleep(0.3)
+        reasons = monitor.healthy()[1]
+        observing.cancel()
+        assert reasons and not [r for r in reasons if "uploads" in r], "the store is fine: only the disk stopped"
         await pipeline.drain()
         assert await pipeline.store.list_blobs() == []
         assert not (config.spool_dir / name).exists()
@@ -123,7 +131,7 @@ async def test_a_blob_lost_with_its_failed_sync_stops_its_disk_and_the_log_bring
         assert pipeline.spool.used_bytes == pipeline.wal.size_bytes, "the removed blob counts no more"
         with pytest.raises(Exception, match="replication of this disk stopped"):
             pipeline.accept_write(stream, Write.make(1, 4, 0, bytes(4096), 0))
-    assert "restart the server, which replays them, then the agent" in caplog.text
+    assert "restart the server, which replays it, then the agent" in caplog.text
     monkeypatch.undo()
     async with running_pipeline(config, key=KEY) as pipeline:
         assert pipeline.streams["d"].durable_seq == 3, "the log replayed every acknowledged write"
@@ -224,3 +232,30 @@ async def test_a_start_leaves_a_spool_blob_it_cannot_make_durable_to_the_log(
         await pipeline.drain()
         assert stored_writes(config.store_dir, name) == {w.seq: w.data for w in WRITES}
     assert "cannot be made durable" in caplog.text
+
+
+async def test_a_blob_that_cannot_be_written_again_is_given_up_to_the_log(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rewrite that keeps failing (the disk still failing, or full) must not hold its group's other blobs,
+    and their spool space, for good: after a few attempts the blob is given up and its disk stopped."""
+    config = make_config(tmp_path / "data", upload={"retry_initial_ms": 20})
+    monkeypatch.setattr(engine.fsutil.os, "fdatasync", FailingWriteback(config.spool_dir))
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:  # every new copy's sync fails
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(engine.fsutil.os, "fsync", fsync)
+    name = blob_name("d", 1, 3)
+    async with running_pipeline(config, key=KEY) as pipeline:
+        await write_and_wait_for_acks(pipeline, WRITES)
+        failure = await wait_for(lambda: pipeline.streams["d"].log_failure, "the disk to stop")
+        assert name in failure and "Input/output error" in failure
+        assert await pipeline.store.list_blobs() == [] and not (config.spool_dir / name).exists()
+        assert pipeline.stats.upload_errors == READ_BACK_ATTEMPTS
+    monkeypatch.undo()
+    async with running_pipeline(config, key=KEY) as pipeline:
+        await pipeline.drain()
+        assert stored_writes(config.store_dir, name) == {w.seq: w.data for w in WRITES}

@@ -35,7 +35,7 @@ from engine.azure_common import AzureContainer, is_container_missing
 from engine.config import AzureCredentials, AzureStoreConfig
 from engine.store.base import StoreError, UntrustedBlobFiles
 from protocol import LogBlobError
-from protocol.logblob import HEADER_FIXED, BlobHeader, KeyLookup, authenticate_blob, parse_blob_name
+from protocol.logblob import HEADER_FIXED, BlobHeader, KeyLookup, authenticate_blob, blob_name, parse_blob_name
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,11 @@ class AzureBlobStore(AzureContainer):
         data = path.read_bytes()
         if self.keys is not None:
             try:
-                authenticate_blob(data, self.keys, name=name)
+                header, _ = authenticate_blob(data, self.keys, name=name)
+                if (header.disk, header.first_seq, header.last_seq) != parse_blob_name(name):
+                    # a reused spool file (engine/filepool.py) read back as the blob it held before
+                    raise LogBlobError(f"holds blob {blob_name(header.disk, header.first_seq, header.last_seq)}",
+                                       name=name)
             except LogBlobError as exc:
                 raise UntrustedBlobFiles({path: exc}) from None
         return data
