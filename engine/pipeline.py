@@ -699,7 +699,7 @@ class Pipeline:
 
     def _stop_disk(self, stream: DiskStream, failure: str, remedy: str) -> None:
         """A blob of this disk cannot be made from what this process holds (damage the read-back keeps
-        finding in the log, or a blob file the file system failed to sync that no longer authenticates):
+        finding in the log, or a spool file a store could not trust that cannot be written again):
         stop taking its writes (the refusal stops its agent, as for a committed failover) and say so;
         other agents go on. What it still holds (that batch, the ones after it) stays unstored and keeps
         its log segments and its memory — bounded, since nothing is added. Not persisted: a restart

@@ -26,7 +26,7 @@ from pathlib import Path
 from engine.filepool import FilePool
 from engine.fsutil import fsync_dir, sync_or_rewrite, write_durably, write_in_place
 from protocol import LogBlobError
-from protocol.logblob import BLOB_SUFFIX, BlobHeader, KeyLookup, blob_name, open_blob
+from protocol.logblob import BLOB_SUFFIX, BlobHeader, KeyLookup, authenticate_blob, blob_name, open_blob
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +95,16 @@ class Spool:
 
     def rewrite(self, path: Path, keys: KeyLookup) -> None:
         """Blocking: write a blob a store would not trust as it is (UntrustedBlobFiles) again, into a new file
-        under its name. After a failed sync, synced again as it is, the file would report success without its
+        under its name: after a failed sync, synced again as it is, the file would report success without its
         data on disk (WritebackError).
+
         What the page cache still holds is the blob if it authenticates whole, and then goes to the new file.
         If it does not, the file is removed and LogBlobError raised: its records are in the write-ahead log
         (a blob leaves it only once stored), which the next start replays."""
         data = path.read_bytes()
         try:
             _named_header(path, data)
-            open_blob(data, keys, name=path.name)
+            authenticate_blob(data, keys, name=path.name)
         except LogBlobError:
             path.unlink(missing_ok=True)
             raise
