@@ -33,13 +33,13 @@ def sync_data(path: Path) -> None:
         os.close(fd)
 
 
-def sync_or_rewrite(path: Path, data: bytes | bytearray | memoryview) -> bool:
+def sync_or_rewrite(path: Path, data: bytes | bytearray | memoryview, *, mode: int = 0o600) -> bool:
     """Sync ``path``, whose content ``data`` was just read and checked; if the sync fails, write ``data`` to a new
     file under the name instead (the old one's lost pages would pass the next sync). True if it was rewritten."""
     try:
         sync_data(path)
     except WritebackError:
-        write_durably(path, data)
+        write_durably(path, data, mode=mode)
         return True
     return False
 

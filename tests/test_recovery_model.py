@@ -22,6 +22,7 @@ from azurite import Azurite
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import engine.fsutil
 from engine.applier import Applier
 from engine.config import AzureStoreConfig, PolicyConfig, SeedAzureConfig
 from engine.keys import KeyRing
@@ -258,6 +259,38 @@ async def test_a_group_failing_after_its_undo_entry_is_rolled_back_before_it_is_
             out = tmp_path / f"p{seq}.img"
             await failover(applier, DISK, str(seq) if seq != 2 else "latest", out, test=True)
             assert out.read_bytes() == image, f"point {seq}"
+    finally:
+        await applier.close()
+
+
+async def test_a_seed_state_is_made_durable_before_the_applier_acts_on_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill between the state file's rename and its directory's sync leaves the new state in the page cache
+    only; the applier deletes the applied blobs on its word, so a start syncs it (and its directory) first."""
+    store_dir, seed_dir = tmp_path / "cache", tmp_path / "seed"
+    policy = PolicyConfig(crash_point_interval_ms=0, retention_hours=1)
+    applier = Applier(LocalStore(store_dir, fsync=False), KeyRing(KEY), LocalVolumes(seed_dir), lambda disk: policy)
+    _store_blob(store_dir, 1, 0, b"a" * 1024)
+    try:
+        assert await applier.apply_available(force=True) == 1
+    finally:
+        await applier.close()
+    synced: list[str] = []
+    real_fdatasync, real_fsync = os.fdatasync, os.fsync
+
+    def recording(real):  # type: ignore[no-untyped-def]
+        def sync(fd: int) -> None:
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            real(fd)
+        return sync
+
+    monkeypatch.setattr(engine.fsutil.os, "fdatasync", recording(real_fdatasync))
+    monkeypatch.setattr(engine.fsutil.os, "fsync", recording(real_fsync))
+    applier = Applier(LocalStore(store_dir, fsync=False), KeyRing(KEY), LocalVolumes(seed_dir), lambda disk: policy)
+    try:
+        await applier.open_existing()
+        assert applier.applied_seq(DISK) == 1
+        assert synced[:2] == [str(seed_dir / f"{DISK}.state.json"), str(seed_dir)], synced
     finally:
         await applier.close()
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
-from engine.fsutil import write_durably
+from engine.fsutil import fsync_dir, sync_or_rewrite, write_durably
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +131,20 @@ class LocalVolume:
         self._broken: str | None = None  # why this volume refuses changes (until it is opened again)
 
     async def load_state(self) -> SeedState | None:
+        """The state as saved, made durable first: a kill between the state file's rename and its directory's
+        sync leaves the new state in the page cache only, and the applier deletes applied blobs on its word.
+        A power loss after that would bring back the older state, roll the group back, and find its blobs
+        gone."""
         if not self.state_path.exists():
             return None
-        return SeedState(**json.loads(self.state_path.read_text()))
+        data = self.state_path.read_bytes()
+        if self.fsync:
+            await asyncio.to_thread(self._make_durable, data)
+        return SeedState(**json.loads(data))
+
+    def _make_durable(self, data: bytes) -> None:
+        sync_or_rewrite(self.state_path, data, mode=0o644)
+        fsync_dir(self.root)
 
     async def save_state(self, state: SeedState) -> None:
         self._check_changeable()
