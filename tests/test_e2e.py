@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from support import (
     write_random,
 )
 
+from engine.agent import AgentError
 from engine.server import ProcessServer
 from engine.workload import ContentPool
 
@@ -125,3 +127,31 @@ async def test_duplicate_resend_is_skipped(server: ProcessServer) -> None:
         await server.drain()
         assert (server.config.seed_dir / "dup.img").read_bytes()[:4096] == b"B" * 4096
         assert server.pipeline.stats.received_bytes == 8192
+
+
+async def test_an_agent_told_that_acknowledged_writes_were_lost_stops_and_says_so(tmp_path: Path) -> None:
+    """The server came back without what it acknowledged (its spool and watermarks lost): resending from its
+    resume point would be refused as a gap, and the lost writes would never come back. The agent stops,
+    naming the disk and the lost sequences, and what to do."""
+    data = tmp_path / "data"
+    server = ProcessServer(make_config(data))
+    await server.start()
+    port = server.connect_info.port
+    config = make_config(data, server={"port": port})
+    async with agent_for(data, port, reconnect_max_s=0.2) as agent:
+        disk = await agent.open_disk("d", 1 * MiB)
+        for seq in range(3):
+            await (await disk.write(4096 * seq, bytes([seq + 1]) * 4096))
+        await server.close()
+        shutil.rmtree(config.spool_dir)  # the acknowledged writes went with the spool's disk
+        (config.state_dir / "uploaded.json").unlink(missing_ok=True)
+        server = ProcessServer(config)
+        await server.start()
+
+        async def write_once() -> int:
+            return await (await disk.write(0, bytes(4096)))
+
+        with pytest.raises(AgentError, match=r"disk 'd'.*after sequence 0.*acknowledged up to 3.*writes 1-3 were "
+                                             r"lost.*full resync"):
+            await asyncio.wait_for(write_once(), 10)
+    await server.close()
