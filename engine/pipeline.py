@@ -392,8 +392,8 @@ class Pipeline:
                     continue
                 if record.seq != stream.accepted_seq + 1:  # chunks are appended in order: only damage does this
                     log.error("write-ahead log: disk %r continues at sequence %d after %d; the rest of its log "
-                              "is dropped and the agent resends from %d", section.disk, record.seq,
-                              stream.accepted_seq, stream.accepted_seq + 1)
+                              "is dropped, and its agent, told to resume after %d, stops if it was acknowledged "
+                              "past that", section.disk, record.seq, stream.accepted_seq, stream.accepted_seq)
                     broken.add(section.disk)
                     break
                 if isinstance(record, WriteRecord):

@@ -266,7 +266,8 @@ async def test_a_group_failing_after_its_undo_entry_is_rolled_back_before_it_is_
 async def test_a_seed_state_is_made_durable_before_the_applier_acts_on_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A kill between the state file's rename and its directory's sync leaves the new state in the page cache
-    only; the applier deletes the applied blobs on its word, so a start syncs it (and its directory) first."""
+    only. The restarted applier deletes blobs the state says are applied (here one a crash left behind): the
+    state file and its directory must be on disk before that."""
     store_dir, seed_dir = tmp_path / "cache", tmp_path / "seed"
     policy = PolicyConfig(crash_point_interval_ms=0, retention_hours=1)
     applier = Applier(LocalStore(store_dir, fsync=False), KeyRing(KEY), LocalVolumes(seed_dir), lambda disk: policy)
@@ -275,22 +276,32 @@ async def test_a_seed_state_is_made_durable_before_the_applier_acts_on_it(
         assert await applier.apply_available(force=True) == 1
     finally:
         await applier.close()
-    synced: list[str] = []
+    _store_blob(store_dir, 1, 0, b"a" * 1024)  # applied, but the crash came before its deletion
+    events: list[str] = []
     real_fdatasync, real_fsync = os.fdatasync, os.fsync
 
     def recording(real):  # type: ignore[no-untyped-def]
         def sync(fd: int) -> None:
-            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            events.append("synced " + os.readlink(f"/proc/self/fd/{fd}"))
             real(fd)
         return sync
 
     monkeypatch.setattr(engine.fsutil.os, "fdatasync", recording(real_fdatasync))
     monkeypatch.setattr(engine.fsutil.os, "fsync", recording(real_fsync))
-    applier = Applier(LocalStore(store_dir, fsync=False), KeyRing(KEY), LocalVolumes(seed_dir), lambda disk: policy)
+    store = LocalStore(store_dir, fsync=False)
+    delete = store.delete
+
+    async def recorded_delete(name: str) -> None:
+        events.append("deleted " + name)
+        await delete(name)
+
+    store.delete = recorded_delete  # type: ignore[method-assign]
+    applier = Applier(store, KeyRing(KEY), LocalVolumes(seed_dir), lambda disk: policy)
     try:
-        await applier.open_existing()
-        assert applier.applied_seq(DISK) == 1
-        assert synced[:2] == [str(seed_dir / f"{DISK}.state.json"), str(seed_dir)], synced
+        await applier.apply_available(force=True)
+        deleted = events.index("deleted " + blob_name(DISK, 1, 1))
+        assert f"synced {seed_dir / (DISK + '.state.json')}" in events[:deleted], events
+        assert f"synced {seed_dir}" in events[:deleted], events
     finally:
         await applier.close()
 

@@ -107,6 +107,8 @@ class LocalVolumes:
         self.root = root
         self.fsync = fsync
         root.mkdir(parents=True, exist_ok=True)
+        if fsync:  # once for every state file an earlier process renamed into it (LocalVolume.load_state)
+            fsync_dir(root)
 
     def __call__(self, disk: str) -> LocalVolume:
         return LocalVolume(self.root, disk, fsync=self.fsync)
@@ -134,17 +136,13 @@ class LocalVolume:
         """The state as saved, made durable first: a kill between the state file's rename and its directory's
         sync leaves the new state in the page cache only, and the applier deletes applied blobs on its word.
         A power loss after that would bring back the older state, roll the group back, and find its blobs
-        gone."""
+        gone. (The directory is synced once for all disks, by LocalVolumes.)"""
         if not self.state_path.exists():
             return None
         data = self.state_path.read_bytes()
-        if self.fsync:
-            await asyncio.to_thread(self._make_durable, data)
+        if self.fsync and await asyncio.to_thread(sync_or_rewrite, self.state_path, data, mode=0o644):
+            log.error("seed disk %r: its state file could not be synced; written again into a new file", self.disk)
         return SeedState(**json.loads(data))
-
-    def _make_durable(self, data: bytes) -> None:
-        sync_or_rewrite(self.state_path, data, mode=0o644)
-        fsync_dir(self.root)
 
     async def save_state(self, state: SeedState) -> None:
         self._check_changeable()
