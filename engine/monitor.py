@@ -337,6 +337,9 @@ class Monitor:
                 stopper = "the applier stopped the disk on a bad log blob" if h.stopped_at == "apply" else \
                     "the server stopped the disk"
                 reasons.append(f"disk {h.disk!r}: {stopper} ({h.failure})")
+        if self.pipeline is not None:
+            reasons += [f"{worker}; the blobs it would store wait in the spool until the server restarts"
+                        for worker in self.pipeline.failed_upload_workers()]
         if self._upload_failing_since is not None:
             failing = time.monotonic() - self._upload_failing_since
             if failing >= self.upload_failing_s:

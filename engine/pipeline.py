@@ -847,6 +847,12 @@ class Pipeline:
 
     # ------------------------------------------------------------ what the applier process reports
 
+    def failed_upload_workers(self) -> list[str]:
+        """Upload workers that ended with an error (a bug, or a store raising what it should not): until a
+        restart their share of the uploads stands still, so /healthz says so (engine/monitor.py)."""
+        return [f"{task.get_name()} ended: {task.exception()!r}" for task in self._uploaders
+                if task.done() and not task.cancelled() and task.exception() is not None]
+
     def note_applied(self, disk: str, seq: int) -> None:
         stream = self.streams.get(disk)
         if stream is not None:

@@ -169,6 +169,8 @@ async def test_an_upload_worker_that_fails_says_so(tmp_path: Path, caplog: pytes
         await write_and_wait_for_acks(pipeline, WRITES)
         await wait_for(lambda: "upload-0 ended: RuntimeError('a store bug')" in caplog.text, "the critical log")
         assert [r.levelname for r in caplog.records if "upload-0 ended" in r.message] == ["CRITICAL"]
+        healthy, reasons = Monitor(config, pipeline, None).healthy()
+        assert not healthy and [r for r in reasons if r.startswith("upload-0 ended: RuntimeError('a store bug')")]
 
 
 async def test_a_store_directory_whose_sync_failed_gets_its_names_made_again(
