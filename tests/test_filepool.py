@@ -290,6 +290,42 @@ def test_the_local_store_syncs_a_group_side_by_side_and_names_only_synced_blobs(
     assert all(os.path.samefile(tmp_path / "cache" / name, source) for name, source in items)
 
 
+async def test_upload_rounds_name_and_sync_directories_one_at_a_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After one round's directory sync fails, another round's sync of that directory passes without writing
+    the names it linked before the failure (Linux reports a failed writeback once). So no round links while
+    another is between its links and its directory syncs."""
+    events: list[str] = []
+    first_sync = threading.Event()
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd: int) -> None:
+        if not first_sync.is_set():
+            first_sync.set()
+            threading.Event().wait(0.3)  # round 2 is ready to link meanwhile
+            real_fsync(fd)
+            events.append("round 1 synced its directory")
+            return
+        real_fsync(fd)
+
+    monkeypatch.setattr(engine.fsutil.os, "fsync", fsync)
+    monkeypatch.setattr(engine.store.local.os, "link",
+                        lambda source, target: (events.append(f"link {Path(target).name}"),
+                                                real_link(source, target))[1])
+    store = LocalStore(tmp_path / "cache")
+    await store.make_directory("d")
+    rounds = []
+    for seq in (1, 2):
+        source = tmp_path / f"{seq}.blob"
+        source.write_bytes(b"sealed")
+        rounds.append([(blob_name("d", seq, seq), source)])
+    first = asyncio.create_task(store.put_files(rounds[0]))
+    await asyncio.to_thread(first_sync.wait, 5)
+    await asyncio.gather(first, store.put_files(rounds[1]))
+    second = f"link {blob_name('d', 2, 2).split('/')[1]}"
+    assert events.index(second) > events.index("round 1 synced its directory"), events
+
+
 def test_uploads_fail_once_the_store_root_is_gone(tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "cache")
     source = tmp_path / "spool.blob"

@@ -6,6 +6,7 @@ import asyncio
 import errno
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +30,8 @@ class LocalStore:
         self.pool = pool
         self._copy = False  # set once a hard link failed across file systems: every blob is copied then
         self._syncs = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="store-sync")  # threads start on use
+        # one round at a time links and syncs directories: see _put_files
+        self._naming = threading.Lock()
         root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, name: str) -> Path:
@@ -60,15 +63,18 @@ class LocalStore:
                         if exc is not None}
             if failures:
                 raise UntrustedBlobFiles(failures)
-        for target, source in items:
-            self._link(target, source)
-        if self.fsync:
-            try:
-                list(self._syncs.map(fsync_dir, {target.parent for target, _ in items}))
-            except OSError:  # synced again as they are, the directories would pass without their new names
-                for target, _ in items:
-                    target.unlink(missing_ok=True)  # the retry makes them again, and the directories dirty
-                raise
+        # Rounds run side by side (upload.concurrency), but not here: after one round's directory sync fails,
+        # another's sync of the same directory would pass without writing names it linked before the failure.
+        with self._naming:
+            for target, source in items:
+                self._link(target, source)
+            if self.fsync:
+                try:
+                    list(self._syncs.map(fsync_dir, {target.parent for target, _ in items}))
+                except OSError:  # synced again as they are, the directories would pass without their new names
+                    for target, _ in items:
+                        target.unlink(missing_ok=True)  # the retry makes them again, and the directories dirty
+                    raise
 
     def _link(self, target: Path, source: Path) -> None:
         """Give ``source`` (its data already synced: the spool does not sync its blobs, and a new name may
