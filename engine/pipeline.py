@@ -225,7 +225,7 @@ class DiskStream:
             )
 
     def check_not_stopped(self, seq: int | None = None) -> None:
-        """Refuse the disk's writes (and its opening) once its log could not be read back."""
+        """Refuse the disk's writes (and its opening) once it was stopped (Pipeline._stop_disk)."""
         if self.log_failure is not None:
             raise RemoteProtocolError(ErrorCode.DISK_NOT_ALLOWED, f"replication of this disk stopped: "
                                       f"{self.log_failure}", disk=self.info.disk, seq=seq)
@@ -766,22 +766,22 @@ class Pipeline:
                 if not isinstance(exc, FileNotFoundError) and self._untrusted[path] < READ_BACK_ATTEMPTS:
                     failed[path] = exc
                     continue
-                self._lose(batch, exc, lost)
+                await self._lose(batch, exc, lost)
                 continue
             except LogBlobError as exc:
-                self._lose(batch, exc, lost)
+                await self._lose(batch, exc, lost)
                 continue
             del self._untrusted[path]
             log.warning("spool: blob %s written again into a new file (the store could not trust it as it was)",
                         batch.name)
         return failed
 
-    def _lose(self, batch: Batch, exc: Exception, lost: set[Path]) -> None:
+    async def _lose(self, batch: Batch, exc: Exception, lost: set[Path]) -> None:
         """Give up a spool blob that cannot be stored: its disk stops, and its writes wait in the log."""
         assert batch.path is not None
         self._untrusted.pop(batch.path, None)
         lost.add(batch.path)
-        batch.path.unlink(missing_ok=True)
+        await asyncio.to_thread(batch.path.unlink, True)
         self.spool.used_bytes -= batch.size
         self._stop_disk(self.streams[batch.disk], f"the spool's file of blob {batch.name} could not be trusted as it "
                         f"was (a failed sync or read), nor written again from it ({exc})",

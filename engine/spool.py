@@ -26,7 +26,15 @@ from pathlib import Path
 from engine.filepool import FilePool
 from engine.fsutil import fsync_dir, sync_or_rewrite, write_durably, write_in_place
 from protocol import LogBlobError
-from protocol.logblob import BLOB_SUFFIX, BlobHeader, KeyLookup, authenticate_blob, blob_name, open_blob
+from protocol.logblob import (
+    BLOB_SUFFIX,
+    BlobHeader,
+    KeyLookup,
+    authenticate_blob,
+    blob_name,
+    check_named,
+    open_blob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +169,7 @@ class Spool:
 def _named_header(path: Path, data: bytes) -> BlobHeader:
     """The header of the blob file at ``path``, which must name the blob the file is named after."""
     header = BlobHeader.unpack(data, name=path.name)
-    named = blob_name(header.disk, header.first_seq, header.last_seq)
-    if named != f"{path.parent.name}/{path.name}":  # a reused file's old content (engine/filepool.py)
-        raise LogBlobError(f"holds blob {named}", name=path.name)
+    check_named(header, f"{path.parent.name}/{path.name}")  # a reused file's old content (engine/filepool.py)
     return header
 
 

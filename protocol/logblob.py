@@ -257,6 +257,14 @@ def blob_name(disk: str, first_seq: int, last_seq: int) -> str:
     return f"{disk}/{first_seq:020d}-{last_seq:020d}{BLOB_SUFFIX}"
 
 
+def check_named(header: BlobHeader, name: str) -> None:
+    """A blob under ``name`` must hold that blob: a reused spool file, or a blob put under another's name,
+    holds other records. LogBlobError names the blob it holds."""
+    held = blob_name(header.disk, header.first_seq, header.last_seq)
+    if held != name:
+        raise LogBlobError(f"holds blob {held}, which does not match its name", name=name)
+
+
 def parse_blob_name(name: str) -> tuple[str, int, int] | None:
     """Inverse of :func:`blob_name`; ``None`` for names that are not log blobs."""
     match = _BLOB_NAME.fullmatch(name)

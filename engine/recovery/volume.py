@@ -181,7 +181,8 @@ class LocalVolume:
                 view, offset = view[written:], offset + written
 
     async def flush(self) -> None:
-        await asyncio.to_thread(self._flush)
+        if self.fsync:
+            await asyncio.to_thread(self._flush)
 
     def _flush(self) -> None:
         if self.fsync:

@@ -35,7 +35,7 @@ from engine.azure_common import AzureContainer, is_container_missing
 from engine.config import AzureCredentials, AzureStoreConfig
 from engine.store.base import StoreError, UntrustedBlobFiles
 from protocol import LogBlobError
-from protocol.logblob import HEADER_FIXED, BlobHeader, KeyLookup, authenticate_blob, blob_name, parse_blob_name
+from protocol.logblob import HEADER_FIXED, BlobHeader, KeyLookup, authenticate_blob, check_named, parse_blob_name
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,7 @@ class AzureBlobStore(AzureContainer):
         if self.keys is not None:
             try:
                 header, _ = authenticate_blob(data, self.keys, name=name)
-                if (header.disk, header.first_seq, header.last_seq) != parse_blob_name(name):
-                    # a reused spool file (engine/filepool.py) read back as the blob it held before
-                    raise LogBlobError(f"holds blob {blob_name(header.disk, header.first_seq, header.last_seq)}",
-                                       name=name)
+                check_named(header, name)  # a reused spool file (engine/filepool.py) read back as its old blob
             except LogBlobError as exc:
                 raise UntrustedBlobFiles({path: exc}) from None
         return data
@@ -158,9 +155,10 @@ class AzureBlobStore(AzureContainer):
             header = BlobHeader.unpack(memoryview(data)[:_HEADER_PEEK], name=name)
         except LogBlobError as exc:
             raise StoreError(f"azure store: {name} is not a log blob: {exc}", transient=False) from None
-        if (header.disk, header.first_seq, header.last_seq) != parse_blob_name(name):
-            raise StoreError(f"azure store: {name} holds disk {header.disk!r} sequences {header.first_seq}.."
-                             f"{header.last_seq}, which does not match its name", transient=False)
+        try:
+            check_named(header, name)
+        except LogBlobError as exc:
+            raise StoreError(f"azure store: {exc}", transient=False) from None
         return {
             "disk": header.disk,
             "disk_size": str(header.disk_size),
