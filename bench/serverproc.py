@@ -7,7 +7,7 @@ file, starts ``blockferry serve --config FILE`` and stops it with SIGINT.
 ``Probe`` samples, from outside the server and without its help:
 
 - CPU seconds and RSS / peak RSS (VmHWM) from ``/proc/<pid>/stat`` and ``status``;
-- the applier's progress per disk from ``<seed_dir>/<disk>.state.json``;
+- the applier's progress per disk from its state file in ``seed_dir`` (engine/recovery/state_file.py);
 - the upload watermark per disk from ``<data_dir>/state/uploaded.json`` (stored);
 - every log blob landing in the cache store (inotify on ``<data_dir>/cache``): its
   size and, from its header, the raw size before compression.
@@ -32,6 +32,7 @@ from pathlib import Path
 
 from engine.auth import token_hash
 from engine.config import ApplierConfig, Config, parse_config
+from engine.recovery.state_file import read_state_record
 from protocol import LogBlobError
 from protocol.logblob import BLOB_SUFFIX, GCM_TAG_SIZE, HEADER_FIXED, BlobHeader
 
@@ -425,8 +426,10 @@ class Probe:
         applied_bytes = 0
         for disk in self.disks:
             try:
-                state = json.loads((self._seed_dir / f"{disk}.state.json").read_bytes())
-            except (FileNotFoundError, json.JSONDecodeError):
+                state = read_state_record(self._seed_dir, disk)
+            except (ValueError, OSError):  # a file being created, or a torn read of its only slot
+                continue
+            if state is None:
                 continue
             applied_seq[disk] = int(state.get("applied_seq", 0))
             applied_bytes += int(state.get("applied_bytes", 0))

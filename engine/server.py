@@ -10,7 +10,6 @@ setup is also the zero-configuration one.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from engine.filepool import FilePool
 from engine.ingest import AgentConnection, IngestContext
 from engine.keys import KeyRing
 from engine.pipeline import Pipeline
+from engine.recovery.state_file import read_state_record
 from engine.recovery.volume import LocalVolumes
 from engine.spool import Spool, UploadWatermarks, pool_dir
 from engine.store import CacheStore, LocalStore
@@ -167,8 +167,8 @@ class ProcessServer:
             return self.applier.disks[disk].state.committed_failover
         if self.applier_process is not None and disk in self.applier_process.committed:
             return True
-        state = self.config.seed_dir / f"{disk}.state.json"
-        return state.exists() and json.loads(state.read_text()).get("committed_failover", False)
+        state = read_state_record(self.config.seed_dir, disk)
+        return state is not None and state.get("committed_failover", False)
 
     async def _keepalive(self) -> None:
         """Heartbeats to every agent; close connections that went silent (half-open TCP)."""

@@ -24,6 +24,7 @@ from engine.auth import DEFAULT_AGENT, read_token
 from engine.config import Config
 from engine.disks import DiskInfo
 from engine.pipeline import Pipeline
+from engine.recovery.state_file import read_state_record
 from engine.spool import Spool, UploadWatermarks
 from engine.store import CacheStore, LocalStore
 from engine.tls import client_context
@@ -174,10 +175,7 @@ def read_seed(config: Config, disk: str) -> bytes:
 def seed_state(config: Config, disk: str) -> dict | None:
     """The applier state record of ``disk``, None if there is none yet."""
     if config.applier.volume == "local":
-        try:
-            return json.loads((config.seed_dir / f"{disk}.state.json").read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+        return read_state_record(config.seed_dir, disk)
     from azure.core.exceptions import ResourceNotFoundError
 
     with _seed_blob(config, f"{disk}.state.json") as blob:
@@ -245,11 +243,8 @@ class ServerProcess:
 
 
 def applied_seq(seed_dir: Path, disk: str) -> int:
-    path = seed_dir / f"{disk}.state.json"
-    try:
-        return json.loads(path.read_text())["applied_seq"]
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
+    state = read_state_record(seed_dir, disk)
+    return state["applied_seq"] if state is not None else 0
 
 
 async def wait_applied(seed_dir: Path, targets: dict[str, int], timeout: float = 60.0) -> None:

@@ -80,7 +80,7 @@ async def _replicate_several_disks(config, pool: ContentPool, total: int) -> Non
         assert not list(config.spool_dir.glob("*/*.bflog"))
         assert await server.store.list_blobs() == []  # type: ignore[union-attr]
         if config.applier.volume == "azure":  # nothing of the seed went to the local seed directory
-            assert not list(config.seed_dir.glob("*.img")) and not list(config.seed_dir.glob("*.state.json"))
+            assert not list(config.seed_dir.glob("*.img")) and not list(config.seed_dir.glob("*.state*"))
 
 
 async def test_restart_resumes_from_durable_state(tmp_path: Path) -> None:

@@ -300,7 +300,7 @@ async def test_a_seed_state_is_made_durable_before_the_applier_acts_on_it(
     try:
         await applier.apply_available(force=True)
         deleted = events.index("deleted " + blob_name(DISK, 1, 1))
-        assert f"synced {seed_dir / (DISK + '.state.json')}" in events[:deleted], events
+        assert f"synced {seed_dir / (DISK + '.state')}" in events[:deleted], events
         assert f"synced {seed_dir}" in events[:deleted], events
     finally:
         await applier.close()

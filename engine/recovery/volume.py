@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -18,7 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
-from engine.fsutil import fsync_dir, sync_or_rewrite, write_durably
+from engine.fsutil import fsync_dir, write_durably
+from engine.recovery.state_file import LEGACY_SUFFIX, STATE_SUFFIX, StateFile
 
 log = logging.getLogger(__name__)
 
@@ -114,42 +114,39 @@ class LocalVolumes:
         return LocalVolume(self.root, disk, fsync=self.fsync)
 
     async def list_disks(self) -> list[str]:
-        suffix = ".state.json"
-        return sorted(p.name[: -len(suffix)] for p in self.root.glob(f"*{suffix}"))
+        return sorted({p.name[: -len(suffix)] for suffix in (STATE_SUFFIX, LEGACY_SUFFIX)
+                       for p in self.root.glob(f"*{suffix}")})
 
 
 class LocalVolume:
-    """``<root>/<disk>.img`` (sparse), ``<disk>.state.json`` and ``journal/<disk>/*.undo``."""
+    """``<root>/<disk>.img`` (sparse), ``<disk>.state`` (engine/recovery/state_file.py) and
+    ``journal/<disk>/*.undo``."""
 
     def __init__(self, root: Path, disk: str, *, fsync: bool = True) -> None:
         self.disk = disk
         self.root = root
         self.fsync = fsync
         self.image_path = root / f"{disk}.img"
-        self.state_path = root / f"{disk}.state.json"
+        self._state = StateFile(root, disk, fsync=fsync)
         self.journal_dir = root / "journal" / disk
         self.journal_dir.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.image_path, os.O_RDWR | os.O_CREAT, 0o600)
         self._broken: str | None = None  # why this volume refuses changes (until it is opened again)
 
     async def load_state(self) -> SeedState | None:
-        """The state as saved, made durable first: a kill between the state file's rename and its directory's
-        sync leaves the new state in the page cache only, and the applier deletes applied blobs on its word.
-        A power loss after that would bring back the older state, roll the group back, and find its blobs
-        gone. (The directory is synced once for all disks, by LocalVolumes.)"""
-        if not self.state_path.exists():
-            return None
-        data = self.state_path.read_bytes()
-        if self.fsync and await asyncio.to_thread(sync_or_rewrite, self.state_path, data, mode=0o644):
-            log.error("seed disk %r: its state file could not be synced; written again into a new file", self.disk)
-        return SeedState(**json.loads(data))
+        """The state as saved, made durable first: a kill right after a save leaves it in the page cache only,
+        and the applier deletes applied blobs on its word. A power loss after that would bring back the older
+        state, roll the group back, and find its blobs gone. (The directory, which a first save or a rewrite
+        renames the file into, is synced once for all disks, by LocalVolumes.)"""
+        record = await asyncio.to_thread(self._state.load)
+        return SeedState(**record) if record is not None else None
 
     async def save_state(self, state: SeedState) -> None:
         self._check_changeable()
         await asyncio.to_thread(self._save_state, state)
 
     def _save_state(self, state: SeedState) -> None:
-        write_durably(self.state_path, json.dumps(asdict(state)).encode(), fsync=self.fsync, mode=0o644)
+        self._state.save(asdict(state))
 
     async def ensure_size(self, size: int) -> None:
         self._check_changeable()
@@ -245,6 +242,7 @@ class LocalVolume:
         return await asyncio.to_thread(sparse_copy, self._fd, path, progress)
 
     async def close(self) -> None:
+        self._state.close()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
