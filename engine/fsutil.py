@@ -97,6 +97,14 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
+def write_at(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """All of ``data`` at ``offset`` (pwrite may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
 def private_dir(path: Path) -> Path:
     """Create ``path`` (and parents) readable by the owner only; it holds keys or tokens."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -33,6 +33,11 @@ CHUNK = 4 * 1024 * 1024
 RANGE = struct.Struct("<QI")
 TAG = struct.Struct("<QBH")
 TAG_ID_BYTES = 48
+SEGMENT_SUFFIX = ".journal"
+RECORD_MAGIC = b"BFJR"
+DELETED_MAGIC = b"BFJX"  # written over RECORD_MAGIC when the entry is pruned; the rest of the header stays
+RECORD_HEADER = struct.Struct("<4sHII")  # magic, name length, entry length, CRC-32 of both lengths and the name
+RECORD_NAME_MAX = 256  # an entry name is at most ~190 ASCII bytes
 _ENTRY_NAME = re.compile(r"(?P<from>[0-9]{20})-(?P<to>[0-9]{20})-(?P<kind>[ac])-(?P<source>[0-9]+)-"
                          r"(?P<recorded>[0-9]+)-(?P<tag>(?:[0-9a-f]{2})*)" + re.escape(UNDO_SUFFIX), re.ASCII)
 
@@ -102,6 +107,16 @@ class UndoEntry:
     @classmethod
     def decode(cls, data: bytes | memoryview, name: EntryName) -> UndoEntry:
         """Parse and check an entry; raises LogBlobError (with the entry name) if it is damaged."""
+        n_ranges, n_tags, n_chunks = cls.verify(data, name)
+        try:
+            return cls._parse(name, memoryview(data)[UNDO_HEADER.size:], n_ranges, n_tags, n_chunks)
+        except (struct.error, ValueError, lz4.block.LZ4BlockError) as exc:  # checksum passed: a writer bug
+            raise LogBlobError(f"undo entry is malformed: {exc}", name=str(name)) from None
+
+    @staticmethod
+    def verify(data: bytes | memoryview, name: EntryName) -> tuple[int, int, int]:
+        """Check an entry is whole (header, size, CRC) without decompressing it; raises LogBlobError if not.
+        Returns its range, tag and chunk counts."""
         label = str(name)
         if len(data) < UNDO_HEADER.size:
             raise LogBlobError("undo entry is truncated", name=label)
@@ -114,10 +129,7 @@ class UndoEntry:
         body = memoryview(data)[UNDO_HEADER.size:]
         if len(body) != body_size or zlib.crc32(body, zlib.crc32(memoryview(data)[:UNDO_HEADER.size - 4])) != crc:
             raise LogBlobError("undo entry fails its checksum", name=label)
-        try:
-            return cls._parse(name, body, n_ranges, n_tags, n_chunks)
-        except (struct.error, ValueError, lz4.block.LZ4BlockError) as exc:  # checksum passed: a writer bug
-            raise LogBlobError(f"undo entry is malformed: {exc}", name=label) from None
+        return n_ranges, n_tags, n_chunks
 
     @classmethod
     def _parse(cls, name: EntryName, body: memoryview, n_ranges: int, n_tags: int, n_chunks: int) -> UndoEntry:
@@ -148,6 +160,41 @@ class UndoEntry:
             before.append(raw[at:at + length])
             at += length
         return cls(name, ranges, before, tags)
+
+
+@dataclass(frozen=True, slots=True)
+class JournalRecord:
+    """Where an entry sits in a journal segment: ``header_size`` bytes of record header and name, then the entry."""
+
+    name: str
+    header_size: int
+    entry_size: int
+    deleted: bool = False
+
+
+def record_header(name: str, entry_size: int) -> bytes:
+    """The bytes that go before an entry in a journal segment (docs/FORMAT.md, section 16.3)."""
+    raw = name.encode("ascii")
+    return RECORD_HEADER.pack(RECORD_MAGIC, len(raw), entry_size, _record_crc(raw, entry_size)) + raw
+
+
+def parse_record_header(data: bytes | memoryview) -> JournalRecord | None:
+    """The record whose header ``data`` starts with (at least RECORD_HEADER.size + RECORD_NAME_MAX bytes, or up to
+    the end of the segment), None if no whole, valid header starts there: the end of the records, or damage."""
+    if len(data) < RECORD_HEADER.size:
+        return None
+    magic, name_size, entry_size, crc = RECORD_HEADER.unpack_from(data)
+    raw = bytes(data[RECORD_HEADER.size:RECORD_HEADER.size + name_size])
+    if magic not in (RECORD_MAGIC, DELETED_MAGIC) or len(raw) != name_size or _record_crc(raw, entry_size) != crc:
+        return None
+    name = raw.decode("ascii", errors="replace")
+    if EntryName.parse(name) is None:
+        return None
+    return JournalRecord(name, RECORD_HEADER.size + name_size, entry_size, magic == DELETED_MAGIC)
+
+
+def _record_crc(raw_name: bytes, entry_size: int) -> int:
+    return zlib.crc32(raw_name, zlib.crc32(struct.pack("<HI", len(raw_name), entry_size)))
 
 
 def _compress(chunk: memoryview) -> bytes:

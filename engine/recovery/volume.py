@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
-from engine.fsutil import fsync_dir, write_durably
+from engine.fsutil import fsync_dir, write_at
+from engine.recovery.segment_journal import SegmentJournal
 from engine.recovery.state_file import LEGACY_SUFFIX, STATE_SUFFIX, StateFile
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,8 @@ class LocalVolumes:
 
 
 class LocalVolume:
-    """``<root>/<disk>.img`` (sparse), ``<disk>.state`` (engine/recovery/state_file.py) and
-    ``journal/<disk>/*.undo``."""
+    """``<root>/<disk>.img`` (sparse), ``<disk>.state`` (engine/recovery/state_file.py) and the undo entries
+    in ``journal/<disk>/*.journal`` (engine/recovery/segment_journal.py)."""
 
     def __init__(self, root: Path, disk: str, *, fsync: bool = True) -> None:
         self.disk = disk
@@ -128,8 +129,9 @@ class LocalVolume:
         self.fsync = fsync
         self.image_path = root / f"{disk}.img"
         self._state = StateFile(root, disk, fsync=fsync)
-        self.journal_dir = root / "journal" / disk
-        self.journal_dir.mkdir(parents=True, exist_ok=True)
+        journal_dir = root / "journal" / disk
+        journal_dir.mkdir(parents=True, exist_ok=True)
+        self._journal = SegmentJournal(journal_dir, fsync=fsync)
         self._fd = os.open(self.image_path, os.O_RDWR | os.O_CREAT, 0o600)
         self._broken: str | None = None  # why this volume refuses changes (until it is opened again)
 
@@ -172,10 +174,7 @@ class LocalVolume:
 
     def _write_ranges(self, writes: Sequence[tuple[int, bytes | memoryview]]) -> None:
         for offset, data in writes:
-            view = memoryview(data)
-            while view:
-                written = os.pwrite(self._fd, view, offset)
-                view, offset = view[written:], offset + written
+            write_at(self._fd, data, offset)
 
     async def flush(self) -> None:
         if self.fsync:
@@ -190,7 +189,7 @@ class LocalVolume:
         await asyncio.to_thread(self._put_entry, name, data)
 
     def _put_entry(self, name: str, data: bytes) -> None:
-        write_durably(self.journal_dir / name, data, fsync=self.fsync, mode=0o600)
+        self._journal.append(name, data)
 
     async def commit_group(self, group: GroupCommit) -> int:
         self._check_changeable()
@@ -226,23 +225,21 @@ class LocalVolume:
             raise VolumeBroken(errno.EIO, self._broken)
 
     async def list_entries(self) -> list[str]:
-        return sorted(n for n in os.listdir(self.journal_dir) if not n.startswith("."))
+        return await asyncio.to_thread(self._journal.names)
 
     async def get_entry(self, name: str) -> bytes:
-        return await asyncio.to_thread((self.journal_dir / name).read_bytes)
+        return await asyncio.to_thread(self._journal.read, name)
 
     async def delete_entry(self, name: str) -> None:
         self._check_changeable()
-        try:
-            await asyncio.to_thread(os.unlink, self.journal_dir / name)
-        except FileNotFoundError:
-            pass
+        await asyncio.to_thread(self._journal.delete, name)
 
     async def copy_image_to(self, path: Path, progress: Progress | None = None) -> int:
         return await asyncio.to_thread(sparse_copy, self._fd, path, progress)
 
     async def close(self) -> None:
         self._state.close()
+        self._journal.close()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
