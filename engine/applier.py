@@ -139,6 +139,7 @@ class Applier:
                              key=lambda e: e.seq_to)
             d = DiskState(volume, state, entries)
             await self._roll_back_uncommitted(d)
+            await self._drop_unchained(d)
             self.disks[name] = d
         return d
 
@@ -164,6 +165,28 @@ class Applier:
             log.warning("applier: disk %r: rolled back an apply group that a crash or a failed write interrupted "
                         "(sequences %d-%d)", d.state.disk, name.seq_from + 1, name.seq_to)
         d.entries = [e for e in d.entries if e.seq_to <= d.state.applied_seq]
+
+    async def _drop_unchained(self, d: DiskState) -> None:
+        """Entries that do not chain down from the applied sequence, each ``seq_from`` the next one's ``seq_to``,
+        cannot take the seed back to their points: an entry between them is damaged or lost (a journal segment
+        with bad bytes, prune marks a power loss kept only some of). A failover through the gap would hand out
+        a wrong image, so they are deleted, and said."""
+        chained, expected = set(), d.state.applied_seq
+        for entry in sorted(d.entries, key=lambda e: e.seq_to, reverse=True):
+            if entry.seq_to != expected:
+                break
+            chained.add(entry)
+            expected = entry.seq_from
+        unchained = [e for e in d.entries if e not in chained]
+        if not unchained:
+            return
+        log.error("applier: disk %r: %d recovery point(s) from sequence %d to %d no longer chain to the seed (an "
+                  "undo entry between them and sequence %d is damaged or lost); dropped, as they could not be "
+                  "materialised exactly", d.state.disk, len(unchained), min(e.seq_from for e in unchained),
+                  max(e.seq_to for e in unchained), d.state.applied_seq)
+        for entry in unchained:
+            await d.volume.delete_entry(str(entry))
+        d.entries = [e for e in d.entries if e in chained]
 
     # ------------------------------------------------------------ running
 

@@ -8,6 +8,7 @@ they can, and entry files of earlier versions are still read. Real files through
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_writeback_errors import FailingWriteback
 
+from engine.applier import Applier
+from engine.config import PolicyConfig
+from engine.keys import KeyRing
 from engine.recovery import segment_journal
 from engine.recovery.segment_journal import SegmentJournal
-from protocol import LogBlobError
+from engine.recovery.state_file import StateFile
+from engine.recovery.volume import LocalVolumes, SeedState
+from engine.store import LocalStore
 from protocol.journal import DELETED_MAGIC, RECORD_HEADER, SEGMENT_SUFFIX, EntryName, UndoEntry
 
 
@@ -138,17 +144,74 @@ def test_a_segment_whose_entries_were_all_pruned_before_a_crash_goes_at_the_open
     assert not first.exists()
 
 
-def test_damage_in_an_older_segment_is_an_error_that_names_it(tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def record_starts(entries: list[tuple[str, bytes]]) -> list[int]:
+    """Where each record starts in its segment, two records to a segment (SEGMENT_BYTES = 6000)."""
+    starts = []
+    for index in range(len(entries)):
+        previous = entries[index - 1]
+        starts.append(0 if index % 2 == 0 else RECORD_HEADER.size + len(previous[0]) + len(previous[1]))
+    return starts
+
+
+def test_damage_in_an_older_segment_is_reported_and_the_rest_still_read(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """An applier that cannot open a disk's journal would stop every disk's replication (the process restarts
+    for good): the damage costs the points it cuts off, which the applier then drops (see below), no more."""
     monkeypatch.setattr(segment_journal, "SEGMENT_BYTES", 6000)
     entries = chain(4)
     write(tmp_path, entries)
     first = segments(tmp_path)[0]
     with open(first, "r+b") as file:
-        file.seek(RECORD_HEADER.size + len(entries[0][0]) + len(entries[0][1]))  # the second record's header
+        file.seek(record_starts(entries)[1])  # the second record's header
         file.write(b"XXXX")
-    with pytest.raises(LogBlobError, match=f"journal segment {first}: no whole record at offset"):
-        SegmentJournal(tmp_path).names()
+    assert SegmentJournal(tmp_path).names() == [entries[0][0], entries[2][0], entries[3][0]]
+    assert f"journal segment {first}: no whole record at offset {record_starts(entries)[1]}" in caplog.text
+
+
+def _damage_a_header(segment_files: list[Path], starts: list[int]) -> None:
+    with open(segment_files[0], "r+b") as file:
+        file.seek(starts[1])
+        file.write(b"XXXX")
+
+
+def _damage_the_newest_entry(segment_files: list[Path], starts: list[int]) -> None:
+    with open(segment_files[-1], "r+b") as file:  # committed, so not a record a crash cut short
+        file.seek(-10, os.SEEK_END)
+        file.write(bytes(10))
+
+
+def _lose_some_prune_marks(segment_files: list[Path], starts: list[int]) -> None:
+    """A prune marked entries 0-3 deleted, and a power loss kept only the marks on 0 and 3."""
+    for segment, start in ((segment_files[0], starts[0]), (segment_files[1], starts[3])):
+        with open(segment, "r+b") as file:
+            file.seek(start)
+            file.write(DELETED_MAGIC)
+
+
+@pytest.mark.parametrize(("damage", "kept_from"), [(_damage_a_header, 2), (_damage_the_newest_entry, 6),
+                                                   (_lose_some_prune_marks, 4)],
+                         ids=["a-damaged-header", "the-newest-entry-damaged", "prune-marks-partly-lost"])
+async def test_points_a_journal_gap_cuts_off_are_dropped_not_materialised(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         damage, kept_from: int) -> None:
+    """Rolling a copy back through a gap in the chain of entries would hand out a wrong image: the applier keeps
+    only the entries that chain down from the applied sequence, and deletes the rest."""
+    monkeypatch.setattr(segment_journal, "SEGMENT_BYTES", 6000)
+    seed_dir = tmp_path / "seed"
+    entries = chain(6)
+    (seed_dir / "journal" / "d").mkdir(parents=True)
+    write(seed_dir / "journal" / "d", entries)
+    StateFile(seed_dir, "d").save(asdict(SeedState("d", 1 << 20, applied_seq=6)))
+    damage(segments(seed_dir / "journal" / "d"), record_starts(entries))
+    applier = Applier(LocalStore(tmp_path / "store"), KeyRing(bytes(32)), LocalVolumes(seed_dir),
+                      lambda disk: PolicyConfig())
+    try:
+        await applier.open_existing()
+        assert [p.seq for p in applier.points("d")] == list(range(kept_from + 1, 7))
+    finally:
+        await applier.close()
+    assert SegmentJournal(seed_dir / "journal" / "d").names() == [name for name, _ in entries[kept_from:]]
 
 
 def test_entry_files_of_an_earlier_version_are_read_in_order_and_deleted(tmp_path: Path) -> None:
@@ -179,3 +242,15 @@ def test_an_append_whose_sync_fails_raises_and_is_found_again(tmp_path: Path,
     journal.close()
     monkeypatch.undo()
     assert SegmentJournal(tmp_path).names() == [name for name, _ in entries]
+
+
+def test_a_closed_journal_takes_no_more_appends(tmp_path: Path) -> None:
+    """A cancelled apply's thread may outlive its volume: its append must not start a segment the reopened
+    volume's journal does not know."""
+    entries = chain(2)
+    journal = SegmentJournal(tmp_path)
+    journal.append(*entries[0])
+    journal.close()
+    with pytest.raises(ValueError, match="was closed"):
+        journal.append(*entries[1])
+    assert SegmentJournal(tmp_path).names() == [entries[0][0]]

@@ -103,6 +103,30 @@ def test_a_save_whose_sync_fails_is_written_again_into_a_new_file(tmp_path: Path
     assert (tmp_path / "d.state").stat().st_ino != inode
 
 
+def test_when_the_new_file_fails_too_the_file_reads_as_before_the_save(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full or failing disk fails both the slot's sync and the new file. The slot must not stay readable in the
+    page cache: the volume, opened again, would believe a state the disk does not have and delete its blobs."""
+    state = StateFile(tmp_path, "d")
+    state.save(record(1))
+    monkeypatch.setattr(os, "fdatasync", FailingWriteback(tmp_path, suffix=STATE_SUFFIX))
+    monkeypatch.setattr(os, "fsync", FailingWriteback(tmp_path, suffix=".tmp", real=os.fsync))
+    with pytest.raises(OSError, match="Input/output error"):
+        state.save(record(2))
+    monkeypatch.undo()
+    assert StateFile(tmp_path, "d").load() == record(1)
+
+
+def test_a_closed_state_file_takes_no_more_saves(tmp_path: Path) -> None:
+    """A cancelled apply's thread may outlive its volume: its save must not race the reopened volume's."""
+    state = StateFile(tmp_path, "d")
+    state.save(record(1))
+    state.close()
+    with pytest.raises(ValueError, match="was closed"):
+        state.save(record(2))
+    assert read_state_record(tmp_path, "d") == record(1)
+
+
 def test_too_big_a_record_is_refused() -> None:
     with pytest.raises(ValueError, match="does not fit"):
         encode_slot(1, {"disk": "x" * SLOT_BYTES})

@@ -64,6 +64,7 @@ class SegmentJournal:
         self._tail: Path | None = None  # the segment appends go to
         self._tail_fd = -1
         self._tail_end = 0
+        self._closed = False
 
     def names(self) -> list[str]:
         with self._lock:
@@ -84,6 +85,8 @@ class SegmentJournal:
     def append(self, name: str, entry: bytes) -> None:
         """Durable when it returns (with ``fsync``): the group may then write the seed."""
         with self._lock:
+            if self._closed:  # e.g. a cancelled apply's thread that outlived its volume
+                raise ValueError(f"journal {self.directory} was closed")
             entries = self._index()
             if self._tail is None or self._tail_end >= SEGMENT_BYTES:
                 self._start_segment(EntryName.parse(name))
@@ -120,7 +123,9 @@ class SegmentJournal:
                 self._mark_deleted(located)
 
     def close(self) -> None:
+        """For good: an append after it is refused."""
         with self._lock:
+            self._closed = True
             self._close_tail()
 
     # ------------------------------------------------------------ internals (under the lock)
@@ -150,7 +155,7 @@ class SegmentJournal:
     def _scan_segment(self, segment: Path, *, newest: bool) -> tuple[dict[str, _Located], int]:
         """The segment's whole, live records, and where its records end. Only the newest segment's last record
         can be cut short (by a crash while it was appended); it is truncated away. Anything else that does not
-        read is damage."""
+        read is damage: the records after it are lost, and the applier drops the points a gap cuts off."""
         found: dict[str, _Located] = {}
         fd = os.open(segment, os.O_RDWR)
         try:
@@ -169,12 +174,14 @@ class SegmentJournal:
             if newest and position == size and last is not None and not _whole(fd, *last):
                 del found[last[0]]
                 position = last[1].start
-            if position < size:
-                if not newest:
-                    raise LogBlobError(f"journal segment {segment}: no whole record at offset {position} of {size}; "
-                                       "the recovery points of this disk from there on cannot be read")
-                log.warning("journal segment %s: %d bytes from offset %d are a record a crash cut short, of a group "
-                            "that had not written the seed yet; dropped", segment, size - position, position)
+            if position < size and not newest:  # the points from here back are lost, but not the disk
+                log.error("journal segment %s: no whole record at offset %d of %d (damaged); the recovery points "
+                          "of disk %r up to the first entry after it can no longer be materialised", segment,
+                          position, size, self.directory.name)
+            elif position < size:
+                log.warning("journal segment %s: %d bytes from offset %d are not a whole record (one a crash cut "
+                            "short while it was appended, before its group wrote the seed, or damage); dropped",
+                            segment, size - position, position)
                 os.ftruncate(fd, position)
         finally:
             os.close(fd)
@@ -198,6 +205,7 @@ class SegmentJournal:
         self._tail_fd = os.open(segment, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         if self.fsync:
             fsync_dir(self.directory)
+            fsync_dir(self.directory.parent)  # the disk's journal directory itself, made with its first segment
         self._tail, self._tail_end = segment, 0
         self._live[segment] = 0
 

@@ -23,7 +23,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from engine.fsutil import sync_or_rewrite, write_durably
+from engine.fsutil import sync_or_rewrite, write_at, write_durably
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ class StateFile:
         self.fsync = fsync
         self._fd = -1
         self._generation = 0
+        self._closed = False
 
     def load(self) -> dict[str, Any] | None:
         """The newest saved record, made durable first: a save's slot may sit in the page cache only (a kill
@@ -106,6 +107,8 @@ class StateFile:
 
     def save(self, record: dict[str, Any]) -> None:
         """Atomic and durable (with ``fsync``): after a crash, the record before or this one."""
+        if self._closed:  # e.g. a cancelled apply's thread that outlived its volume: the reopened one saves now
+            raise ValueError(f"seed state file {self.path} was closed")
         if self._fd < 0 and self.path.exists():  # not loaded by this process: go on from the file's generation
             self._fd = os.open(self.path, os.O_RDWR)
             self._generation = decode_newest(os.pread(self._fd, 2 * SLOT_BYTES, 0), name=self.path.name)[0]
@@ -113,17 +116,30 @@ class StateFile:
             self._create(record)
             return
         generation = self._generation + 1
-        os.pwrite(self._fd, encode_slot(generation, record), (generation % 2) * SLOT_BYTES)
+        slot = (generation % 2) * SLOT_BYTES
+        write_at(self._fd, encode_slot(generation, record), slot)
         if self.fsync:
             try:
                 os.fdatasync(self._fd)
             except OSError as exc:  # the lost slot would pass the next sync of this file: never trust it again
                 log.error("seed state file %s could not be synced (%s); writing it again into a new file",
                           self.path, exc.strerror)
-                self.close()
+                self._forget(slot)
                 self._create(record)
                 return
         self._generation = generation
+
+    def _forget(self, slot: int) -> None:
+        """Zero a slot whose sync failed, in the page cache at least, and let the file go: if writing a new file
+        fails too, a reader of this one (the volume opened again) must find the record before, as the disk
+        has it, not the one the cache still holds."""
+        try:
+            write_at(self._fd, bytes(SLOT_BYTES), slot)
+        except OSError:
+            pass  # the new file is tried all the same; its failure is the error the caller sees
+        finally:
+            os.close(self._fd)
+            self._fd = -1
 
     def _create(self, record: dict[str, Any]) -> None:
         generation = self._generation + 1
@@ -139,6 +155,8 @@ class StateFile:
             pass
 
     def close(self) -> None:
+        """For good: a save after it is refused."""
+        self._closed = True
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
