@@ -171,10 +171,12 @@ class Applier:
         cannot take the seed back to their points: an entry between them is damaged or lost (a journal segment
         with bad bytes, prune marks a power loss kept only some of). A failover through the gap would hand out
         a wrong image, so they are deleted, and said."""
-        chained, expected = set(), d.state.applied_seq
-        for entry in sorted(d.entries, key=lambda e: e.seq_to, reverse=True):
-            if entry.seq_to != expected:
-                break
+        ending_at: dict[int, EntryName] = {}
+        for entry in d.entries:
+            ending_at.setdefault(entry.seq_to, entry)
+        chained: set[EntryName] = set()
+        expected = d.state.applied_seq
+        while (entry := ending_at.get(expected)) is not None and entry not in chained:
             chained.add(entry)
             expected = entry.seq_from
         unchained = [e for e in d.entries if e not in chained]

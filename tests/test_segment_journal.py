@@ -251,6 +251,6 @@ def test_a_closed_journal_takes_no_more_appends(tmp_path: Path) -> None:
     journal = SegmentJournal(tmp_path)
     journal.append(*entries[0])
     journal.close()
-    with pytest.raises(ValueError, match="was closed"):
+    with pytest.raises(OSError, match="was closed"):
         journal.append(*entries[1])
     assert SegmentJournal(tmp_path).names() == [entries[0][0]]

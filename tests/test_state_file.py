@@ -122,9 +122,31 @@ def test_a_closed_state_file_takes_no_more_saves(tmp_path: Path) -> None:
     state = StateFile(tmp_path, "d")
     state.save(record(1))
     state.close()
-    with pytest.raises(ValueError, match="was closed"):
+    with pytest.raises(OSError, match="was closed"):
         state.save(record(2))
     assert read_state_record(tmp_path, "d") == record(1)
+
+
+async def test_a_volume_opened_again_syncs_the_directory_its_state_file_may_have_been_renamed_into(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a failed sync the state goes to a new file renamed over the old one; if the directory's sync then
+    fails too, the volume is opened again in the same process and must not believe a rename a power loss
+    would undo (the directory is otherwise synced once, when the process starts)."""
+    volumes = LocalVolumes(tmp_path)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    first = volumes("d")
+    assert str(tmp_path) not in synced
+    second = volumes("d")
+    assert str(tmp_path) in synced
+    await first.close()
+    await second.close()
 
 
 def test_too_big_a_record_is_refused() -> None:

@@ -17,6 +17,7 @@ deleted.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -86,7 +87,7 @@ class SegmentJournal:
         """Durable when it returns (with ``fsync``): the group may then write the seed."""
         with self._lock:
             if self._closed:  # e.g. a cancelled apply's thread that outlived its volume
-                raise ValueError(f"journal {self.directory} was closed")
+                raise OSError(errno.EBADF, f"journal {self.directory} was closed")
             entries = self._index()
             if self._tail is None or self._tail_end >= SEGMENT_BYTES:
                 self._start_segment(EntryName.parse(name))

@@ -15,6 +15,7 @@ the first save writes the new file and removes it.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -108,7 +109,7 @@ class StateFile:
     def save(self, record: dict[str, Any]) -> None:
         """Atomic and durable (with ``fsync``): after a crash, the record before or this one."""
         if self._closed:  # e.g. a cancelled apply's thread that outlived its volume: the reopened one saves now
-            raise ValueError(f"seed state file {self.path} was closed")
+            raise OSError(errno.EBADF, f"seed state file {self.path} was closed")
         if self._fd < 0 and self.path.exists():  # not loaded by this process: go on from the file's generation
             self._fd = os.open(self.path, os.O_RDWR)
             self._generation = decode_newest(os.pread(self._fd, 2 * SLOT_BYTES, 0), name=self.path.name)[0]

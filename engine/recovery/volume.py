@@ -107,11 +107,15 @@ class LocalVolumes:
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self.root = root
         self.fsync = fsync
+        self._opened: set[str] = set()
         root.mkdir(parents=True, exist_ok=True)
         if fsync:  # once for every state file an earlier process renamed into it (LocalVolume.load_state)
             fsync_dir(root)
 
     def __call__(self, disk: str) -> LocalVolume:
+        if self.fsync and disk in self._opened:  # opened again after it broke: a rename its state file's last
+            fsync_dir(self.root)                 # save made (a new file after a failed sync) may not be durable
+        self._opened.add(disk)
         return LocalVolume(self.root, disk, fsync=self.fsync)
 
     async def list_disks(self) -> list[str]:
