@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 from pathlib import Path
 
 from aiohttp import web
 
 from engine.monitor import Monitor
 from engine.recovery.service import LocalRecovery, RecoveryError
+
+log = logging.getLogger(__name__)
 
 
 def admin_routes(recovery: LocalRecovery | None, monitor: Monitor, token: str) -> list[web.RouteDef]:
@@ -58,6 +61,9 @@ def admin_routes(recovery: LocalRecovery | None, monitor: Monitor, token: str) -
                     progress=progress)})
             except (RecoveryError, KeyError, OSError) as exc:
                 queue.put_nowait({"error": str(exc)})
+            except Exception as exc:  # the caller waits for a last message: never leave it without one
+                log.exception("admin API: failover of %r failed", body.get("disk"))
+                queue.put_nowait({"error": f"{type(exc).__name__}: {exc}"})
 
         loop = asyncio.get_running_loop()
         task = asyncio.create_task(run())

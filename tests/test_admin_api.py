@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 from pathlib import Path
 
 import aiohttp
@@ -59,3 +61,25 @@ async def test_recovery_goes_through_the_running_applier(tmp_path: Path) -> None
         (status,) = await recovery.status()
         assert (status["disk"], status["applied_seq"]) == ("api", 2)
         assert await recovery.points("api") == [], "the committed failover released the points"
+
+
+async def test_a_failover_through_a_damaged_undo_entry_says_so(tmp_path: Path) -> None:
+    """The roll-back to an older point reads the entries newer than it; one with bad bytes must end the request
+    with an error naming it, not leave the caller waiting for a last message that never comes."""
+    data = tmp_path / "data"
+    config = make_config(data, policy={"crash_point_interval_ms": 10})
+    async with ProcessServer(config) as server:
+        async with agent_for(data, server.connect_info.port) as agent:
+            disk = await agent.open_disk("api", 2 * MiB)
+            for byte in (b"\x01", b"\x02"):
+                await disk.write(0, byte * 65536)
+                await agent.flush()
+                await server.drain()
+        [segment] = (config.seed_dir / "journal" / "api").glob("*.journal")
+        os.truncate(segment, segment.stat().st_size - 100)  # the newest entry's before-images lose their end
+        with segment.open("ab") as file:
+            file.write(bytes(100))
+        async with open_recovery(config) as recovery:
+            assert [p.seq for p in await recovery.points("api")] == [1, 2]
+            with pytest.raises(RecoveryError, match="cannot be materialised: .*undo entry fails its checksum"):
+                await asyncio.wait_for(recovery.failover("api", "1", tmp_path / "p1.img", test=True), 30)

@@ -23,6 +23,7 @@ from engine.fsutil import write_durably
 from engine.keys import check_private
 from engine.recovery.failover import FailoverResult, commit, failover
 from engine.recovery.points import Point, PointNotFound
+from protocol import LogBlobError
 
 Progress = Callable[[int, int], None]
 
@@ -69,6 +70,8 @@ class LocalRecovery:
             result: FailoverResult = await failover(self.applier, disk, spec, out, test=test, progress=progress)
         except PointNotFound as exc:
             raise RecoveryError(str(exc)) from None
+        except LogBlobError as exc:  # an undo entry the roll-back needs is damaged
+            raise RecoveryError(f"point {spec} of disk {disk!r} cannot be materialised: {exc}") from None
         return result.as_dict()
 
     async def commit(self, disk: str) -> int:
