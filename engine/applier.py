@@ -38,7 +38,15 @@ from engine.store import CacheStore
 from engine.store.base import StoreError
 from protocol import LogBlobError, TagKind
 from protocol.journal import EntryName, EntryTag, UndoEntry, merge_ranges
-from protocol.logblob import BlobHeader, TagRecord, WriteRecord, iter_records, open_blob, parse_blob_name
+from protocol.logblob import (
+    BlobHeader,
+    TagRecord,
+    WriteRecord,
+    check_named,
+    iter_records,
+    open_blob,
+    parse_blob_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +285,7 @@ class Applier:
             self._next_due = min(self._next_due, d.last_group + interval)
             return 0
         applied = 0
-        prefetch = _Prefetch(self, disk)
+        prefetch = _Prefetch(self)
         async with d.lock:
             try:
                 queue = list(blobs)
@@ -352,22 +360,19 @@ class Applier:
                 break
         return group, None
 
-    async def _fetch_and_open(self, disk: str, first: int, last: int, name: str) -> _Opened:
+    async def _fetch_and_open(self, name: str) -> _Opened:
         data = await self.store.get(name)
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._open_blob, disk, name, data, first, last)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._open_blob, name, data)
 
-    def _open_blob(self, disk: str, name: str, data: bytes, first: int, last: int) -> _Opened:
+    def _open_blob(self, name: str, data: bytes) -> _Opened:
         """Worker thread: authenticate and check a blob completely before anything is written."""
         header, plain = open_blob(data, self.keys.lookup, name=name)
-        if (header.disk, header.first_seq, header.last_seq) != (disk, first, last):
-            raise LogBlobError(f"header says disk {header.disk!r} sequences {header.first_seq}-{header.last_seq}, "
-                               "not what its name says (renamed in the store?)", disk=disk, name=name)
+        check_named(header, name)  # renamed in the store?
         records = list(iter_records(plain, header, name=name))
         for record in records:
             if isinstance(record, WriteRecord) and record.offset + len(record.data) > header.disk_size:
                 raise LogBlobError(f"record {record.seq} writes beyond the disk size {header.disk_size}",
-                                   disk=disk, name=name)
+                                   disk=header.disk, name=name)
         return _Opened(name, header, records)
 
     async def _apply_group(self, d: DiskState, group: list[_Opened]) -> None:
@@ -455,15 +460,14 @@ APPLY_SLOTS = 2  # disks applied concurrently (enough to keep two cores busy, bo
 class _Prefetch:
     """Fetches and opens the next few blobs of a disk while the current group is written."""
 
-    def __init__(self, applier: Applier, disk: str) -> None:
+    def __init__(self, applier: Applier) -> None:
         self.applier = applier
-        self.disk = disk
         self.tasks: dict[str, asyncio.Task[_Opened]] = {}
 
     def ahead(self, blobs: list[tuple[int, int, str]]) -> None:
-        for first, last, name in blobs:
+        for _, _, name in blobs:
             if name not in self.tasks:
-                self.tasks[name] = asyncio.ensure_future(self.applier._fetch_and_open(self.disk, first, last, name))
+                self.tasks[name] = asyncio.ensure_future(self.applier._fetch_and_open(name))
 
     async def take(self, name: str) -> _Opened:
         return await self.tasks.pop(name)

@@ -579,7 +579,8 @@ def _flip_at(where: str, data: bytes) -> int:
     "app",  # an APP tag ends every blob: each blob is its own apply group
     "crash",  # the backlog of three blobs is one apply group: its verified prefix must still be applied
 ])
-@pytest.mark.parametrize("where", ["ciphertext", "gcm-tag", "header-first-seq"])
+@pytest.mark.parametrize("where", ["ciphertext", "gcm-tag", "header-first-seq",
+                                   "another-blob"])  # a whole blob put under the next one's name
 async def test_tampered_blob_is_refused_and_kept(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                  where: str, tags: str) -> None:
     caplog.set_level(logging.INFO)
@@ -609,8 +610,11 @@ async def test_tampered_blob_is_refused_and_kept(tmp_path: Path, caplog: pytest.
     names = [blob_name(disk_name, 1, 3), blob_name(disk_name, 4, 6), blob_name(disk_name, 7, 9)]
     paths = [cfg.store_dir / n for n in names]
     assert sorted(cfg.store_dir.glob(f"{disk_name}/*.bflog")) == paths
-    tampered = bytearray(paths[1].read_bytes())
-    tampered[_flip_at(where, bytes(tampered))] ^= 0x01
+    if where == "another-blob":
+        tampered = bytearray(paths[2].read_bytes())
+    else:
+        tampered = bytearray(paths[1].read_bytes())
+        tampered[_flip_at(where, bytes(tampered))] ^= 0x01
     paths[1].write_bytes(tampered)
     third = paths[2].read_bytes()
 
@@ -623,7 +627,7 @@ async def test_tampered_blob_is_refused_and_kept(tmp_path: Path, caplog: pytest.
         failure = applier.failures.get(disk_name)
         assert failure is not None, "the tampered blob was not reported"
         assert failure.disk == disk_name and failure.blob == names[1], failure
-        assert "authentication" in failure.reason, failure
+        assert ("holds blob" if where == "another-blob" else "authentication") in failure.reason, failure
         errors = [r for r in caplog.records if r.name == "engine.applier" and r.levelno >= logging.ERROR]
         assert len(errors) == 1
         assert f"{disk_name!r}" in errors[0].getMessage() and names[1] in errors[0].getMessage()

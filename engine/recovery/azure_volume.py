@@ -72,7 +72,7 @@ from azure.storage.blob.aio import BlobClient, BlobLeaseClient
 from engine.applier import ApplierLocked
 from engine.azure_common import AzureContainer, backoff_delay
 from engine.config import AzureCredentials, AzureStoreConfig, Config, ConfigError, SeedAzureConfig
-from engine.fsutil import write_durably
+from engine.fsutil import write_at, write_durably
 from engine.recovery.volume import GroupCommit, Progress, SeedState, VolumeBroken
 from engine.store.base import StoreError
 from protocol.journal import EntryName
@@ -733,6 +733,4 @@ def _create_sparse(path: Path, size: int) -> int:
 
 def _pwrite_pieces(fd: int, pieces: list[tuple[int, memoryview]]) -> None:
     for offset, view in pieces:
-        while view:
-            written = os.pwrite(fd, view, offset)
-            view, offset = view[written:], offset + written
+        write_at(fd, view, offset)

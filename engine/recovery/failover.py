@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from engine.applier import Applier
+from engine.fsutil import write_at
 from engine.recovery.points import Point, PointNotFound, select_point
 from protocol.journal import EntryName, UndoEntry
 
@@ -83,7 +84,7 @@ def _roll_back_copy(out: Path, entries: list[UndoEntry]) -> None:
     try:
         for entry in entries:  # newest first
             for (offset, _), before in zip(entry.ranges, entry.before):
-                os.pwrite(fd, before, offset)
+                write_at(fd, before, offset)  # pwrite may write less than asked
         os.fsync(fd)
     finally:
         os.close(fd)
