@@ -255,6 +255,21 @@ def commit(records: int, record_size: str, commits: int, directory: Path | None)
                f"({result['switch_interval_ms']:.0f} ms) per commit beside the busy thread (p50)")
 
 
+@main.command("group-commit")
+@click.option("--disks", default=1000, show_default=True, help="Seed disks the groups go to in turn.")
+@click.option("--groups", default=4000, show_default=True, help="Apply groups per measurement.")
+@click.option("--writes", default=6, show_default=True, help="Random 64 KiB writes per group (6: one ~400 KB blob).")
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the seed volumes go (a temporary directory under it) [the system's temporary directory].")
+def group_commit(disks: int, groups: int, writes: int, directory: Path | None) -> None:
+    """The applier's commit of one apply group on local seed volumes: machine CPU per group, whole and by part."""
+    from bench.groupcommit import measure_group_commit
+
+    result = measure_group_commit(disks, groups, writes, directory)
+    for label, ms in result["ms_per_group"].items():
+        click.echo(f"{label:>40}: {ms:6.3f} ms of machine CPU per group")
+
+
 @main.command()
 @click.argument("old", type=click.Path(exists=True, path_type=Path))
 @click.argument("new", type=click.Path(exists=True, path_type=Path))

@@ -128,3 +128,12 @@ def test_the_commit_bench_reports_both_latencies(tmp_path: Path) -> None:
         assert 0 < result[label]["p50_ms"] <= result[label]["p99_ms"]
     assert result["switch_intervals_per_commit"] == result["beside_busy_thread"]["p50_ms"] / result["switch_interval_ms"]
     assert list(tmp_path.iterdir()) == [], "the log went with its temporary directory"
+
+
+def test_the_group_commit_bench_runs_every_part_on_real_volumes(tmp_path: Path) -> None:
+    from bench.groupcommit import PARTS, measure_group_commit
+
+    result = measure_group_commit(3, 12, 2, tmp_path)  # each part raises if a volume refuses what it is given
+    assert list(result["ms_per_group"]) == list(PARTS)
+    assert all(ms >= 0 for ms in result["ms_per_group"].values())
+    assert list(tmp_path.iterdir()) == [], "the volumes went with their temporary directory"
