@@ -340,6 +340,7 @@ def _figures(spec: PhaseSpec, gen: LoadGenerator, results: list[dict], probe: Pr
         "writes": sum(d["writes"] for r in results for d in r["disks"].values()),
         "tags": sum(d["tags"] for r in results for d in r["disks"].values()),
         "acked_mbps": acked_bps / MB,
+        "acked_mbps_halves": _halves(gen.history, t_measure, t_end),
         "stored_mbps": stored_bps / MB,
         "stored_physical_mbps": rate_between(blob_pts, t_measure, t_end) / MB if blob_pts else 0.0,
         "applied_mbps": applied_bps / MB,
@@ -378,6 +379,15 @@ def _figures(spec: PhaseSpec, gen: LoadGenerator, results: list[dict], probe: Pr
         "server_gauges": server_metrics,
         "series": series,
     }
+
+
+def _halves(history: dict[int, list[tuple[float, int]]], t_measure: float, t_end: float) -> list[float]:
+    """Acknowledged MB/s in the first and the second half of the measurement window. A rate that falls
+    within a step (this host's block allocator slows down after some tens of GB written) is a different
+    finding from one that is low throughout; the mean alone hides which."""
+    middle = (t_measure + t_end) / 2
+    return [sum(rate_between(pts, a, b) for pts in history.values() if len(pts) >= 2) / MB
+            for a, b in ((t_measure, middle), (middle, t_end))]
 
 
 def _sum_series(history: dict[int, list[tuple[float, int]]], t0: float, t1: float,

@@ -17,6 +17,11 @@ def _rss(phase: dict) -> str:
     return f"{phase['server_peak_rss'] / MiB:.0f}" + (f" ({child / MiB:.0f})" if child else "")
 
 
+def _halves(halves: list[float] | None) -> str:
+    """A step's acknowledged MB/s in the two halves of its window: equal when the rate held."""
+    return " / ".join(format(v, ".0f") for v in halves) if halves else "—"
+
+
 def _f(value: object, fmt: str = ".1f", none: str = "—") -> str:
     if value is None:
         return none
@@ -166,14 +171,15 @@ def markdown(result: dict, plots: dict[str, str] | None = None) -> str:
     scaling = result.get("scaling")
     if scaling:
         lines += [f"## Scaling (open loop, {scaling['offered_mbps']:.0f} MB/s offered in total)", "",
-                  ("| agents | acked MB/s | stored MB/s | carried | ack p50 / p99 ms | peak RSS MiB | "
-                   "server CPU s/GB | window/agent MiB | connect s | blob KiB |"),
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  ("| agents | acked MB/s | acked 1st / 2nd half | stored MB/s | carried | ack p50 / p99 ms | "
+                   "peak RSS MiB | server CPU s/GB | window/agent MiB | connect s | blob KiB |"),
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for s in scaling["steps"]:
             if "error" in s:
-                lines.append(f"| {s['agents']} | failed: {s['error'][:200]} | | | | | | | | |")
+                lines.append(f"| {s['agents']} | failed: {s['error'][:200]} | | | | | | | | | |")
                 continue
-            lines.append(f"| {s['agents']} | {s['acked_mbps']:.1f} | {_f(s.get('stored_mbps'))} | "
+            lines.append(f"| {s['agents']} | {s['acked_mbps']:.1f} | {_halves(s.get('acked_mbps_halves'))} | "
+                         f"{_f(s.get('stored_mbps'))} | "
                          f"{s['carried']:.0%} | "
                          f"{s['latency']['p50_ms']:.1f} / {s['latency']['p99_ms']:.1f} | "
                          f"{_rss(s)} | {s['server_cpu_s_per_gb']:.2f} | "

@@ -42,6 +42,7 @@ def run_scaling(base: PhaseSpec, counts: list[int], offered_mbps: float, workdir
             "agents": n,
             "offered_mbps": offered_mbps,
             "acked_mbps": r["acked_mbps"],
+            "acked_mbps_halves": r["acked_mbps_halves"],
             "carried": r["acked_mbps"] / offered_mbps if offered_mbps else 0.0,
             "stored_mbps": r["stored_mbps"],
             "applied_mbps": r["applied_mbps"],

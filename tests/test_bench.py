@@ -40,6 +40,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert r["writes"] > 0 and r["tags"] > 0
     assert r["generator"]["flushed"] and r["generator"]["failed_acks"] == 0 and not r["generator"]["errors"]
     assert r["acked_mbps"] > 0
+    first, second = r["acked_mbps_halves"]  # the window's two halves average to the whole window's rate
+    assert first > 0 and second > 0 and abs((first + second) / 2 - r["acked_mbps"]) < 0.1 * r["acked_mbps"]
 
     # latency percentiles are ordered and plausible
     lat = r["latency"]
@@ -73,11 +75,11 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert result["ratios"]["engine_over_borg"] is None  # no borg, no number
     step = {"agents": 2, "acked_mbps": 10.0, "stored_mbps": 4.0, "carried": 1.0, "latency": r["latency"],
             "server_peak_rss": r["server_peak_rss"], "server_cpu_s_per_gb": 1.0, "window_per_agent": MiB,
-            "connect_s": 0.1, "blob_mean_bytes": 1024}
+            "connect_s": 0.1, "blob_mean_bytes": 1024, "acked_mbps_halves": [12.0, 8.0]}
     result["scaling"] = {"offered_mbps": 10.0, "steps": [step]}
     text = markdown(json.loads(json.dumps(result, default=str)))
     assert "| max | closed |" in text and "borg**: no figure" in text
-    assert "| 2 | 10.0 | 4.0 | 100% |" in text, "a step shows what it stored beside what it acknowledged"
+    assert "| 2 | 10.0 | 12 / 8 | 4.0 | 100% |" in text, "a step shows how its rate held and what it stored"
     rows = compare(result, result)
     assert rows and all(row["change"] in (0.0, None) for row in rows)
     faster = json.loads(json.dumps(result, default=str))
