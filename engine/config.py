@@ -123,7 +123,9 @@ class SpoolConfig(_Section):
                                 description="Spool capacity (bytes: write-ahead log and sealed blobs); when full, "
                                             "ingest pauses until uploads free space. Used blob files kept for "
                                             "reuse (<dir>/.recycle: at most 256, of about batch.max_bytes each) "
-                                            "come on top: size the disk for both.")
+                                            "and up to two released log segments kept to be written over "
+                                            "(<dir>/.wal/*.free, at most an eighth of this each) come on top: "
+                                            "size the disk for both.")
     fsync: bool = Field(True, description="fdatasync the write-ahead log before acknowledging, and a blob's data "
                                           "before the local cache store links it (never turn off in production: "
                                           "an ack would no longer mean durable).")

@@ -262,6 +262,89 @@ def test_a_kernel_without_synced_writes_gets_a_write_and_an_fdatasync(
     assert_replays(tmp_path / "wal", chunks)
 
 
+def filled_and_released(directory: Path) -> tuple[WriteAheadLog, int]:
+    """A log whose first segment (256 KiB) was filled by three chunks, closed and released: the file
+    is kept for recycling. Returns the log and the file's inode."""
+    wal = WriteAheadLog(directory, WalSealer(KEY), segment_bytes=256 * 1024)
+    for _ in range(3):
+        wal.append(section([os.urandom(100 * 1024)]), {"d": 1})
+    [segment] = directory.glob("*.wal")
+    inode = segment.stat().st_ino
+    assert wal.release({"d": 1}) > 256 * 1024
+    assert not list(directory.glob("*.wal")) and len(list(directory.glob("*.free"))) == 1
+    return wal, inode
+
+
+def test_a_released_segment_is_written_over_and_only_its_new_chunks_replay(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Writing over a released segment allocates no blocks; the chunks it held before (valid, sealed
+    with the same key) lie beyond the new ones and must not come back, nor alarm anyone."""
+    wal, inode = filled_and_released(tmp_path / "wal")
+    new = section([os.urandom(1000)])
+    wal.append(new, {"d": 2})
+    wal.close()
+    [segment] = (tmp_path / "wal").glob("*.wal")
+    assert segment.stat().st_ino == inode, "the released file was reused"
+    assert segment.stat().st_size > 300 * 1024, "its old chunks are still there, beyond the new one"
+    with caplog.at_level(logging.DEBUG, logger="engine.wal"):
+        assert_replays(tmp_path / "wal", [new])
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+class Killed(BaseException):
+    """What a kill -9 leaves: nothing after this point runs, not even the append's clean-up."""
+
+
+def test_a_recycled_segment_a_kill_left_unwritten_holds_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed between renaming a released file into the log and its first write, the segment holds
+    only old chunks, and no segment before it says how old: its name does."""
+    wal, _ = filled_and_released(tmp_path / "wal")
+
+    def killed(*args: object) -> int:
+        raise Killed
+
+    monkeypatch.setattr(engine.wal.os, "pwritev", killed)
+    with pytest.raises(Killed):
+        wal.append(section([os.urandom(1000)]), {"d": 2})
+    monkeypatch.undo()
+    assert len(list((tmp_path / "wal").glob("*.wal"))) == 1
+    assert_replays(tmp_path / "wal", [])
+
+
+def test_a_previous_runs_recycled_files_are_deleted_at_start(tmp_path: Path) -> None:
+    """What a run kept to write over is known to that run only (after a restart chunk numbers continue
+    from what the segments hold, not from a kept file's): the next start deletes it, or it would take
+    disk space beside the spool's budget for ever."""
+    wal, _ = filled_and_released(tmp_path / "wal")
+    wal.close()
+    restarted = WriteAheadLog(tmp_path / "wal", WalSealer(KEY), segment_bytes=256 * 1024)
+    assert restarted.replay(keys, {}) == []
+    assert not list((tmp_path / "wal").glob("*.free"))
+
+
+def test_old_chunks_under_a_retired_key_end_a_recycled_segment_without_an_error(tmp_path: Path) -> None:
+    """A segment sealed under the previous key, replayed after a key rotation, released and written
+    over: once that key is retired its old chunks beyond the new ones cannot be opened, and need not
+    be — their numbers say they are old. Reading them stopped the start."""
+    directory = tmp_path / "wal"
+    before_rotation = WriteAheadLog(directory, WalSealer(OTHER_KEY), segment_bytes=256 * 1024)
+    for _ in range(3):
+        before_rotation.append(section([os.urandom(100 * 1024)]), {"d": 1})
+    before_rotation.close()
+
+    def both(key_id: bytes) -> bytes | None:
+        return {key_id_of(KEY): KEY, key_id_of(OTHER_KEY): OTHER_KEY}.get(key_id)
+
+    after_rotation = WriteAheadLog(directory, WalSealer(KEY), segment_bytes=256 * 1024)
+    assert len(after_rotation.replay(both, {})) == 3
+    after_rotation.release({"d": 1})
+    new = section([os.urandom(1000)])
+    after_rotation.append(new, {"d": 2})
+    after_rotation.close()
+    assert_replays(directory, [new])  # the old key retired: not in the ring any more
+
+
 def test_an_altered_chunk_ends_the_log_and_a_foreign_key_is_named() -> None:
     chunk = bytearray(sealed_chunk(1, [section_header("d", 4096, 1, 1, 1, 0)]))
     chunk[CHUNK_HEADER.size + 3] ^= 1
