@@ -386,8 +386,12 @@ def _halves(history: dict[int, list[tuple[float, int]]], t_measure: float, t_end
     within a step (this host's block allocator slows down after some tens of GB written) is a different
     finding from one that is low throughout; the mean alone hides which."""
     middle = (t_measure + t_end) / 2
-    return [sum(rate_between(pts, a, b) for pts in history.values() if len(pts) >= 2) / MB
-            for a, b in ((t_measure, middle), (middle, t_end))]
+    return [_acked_bps(history, a, b) / MB for a, b in ((t_measure, middle), (middle, t_end))]
+
+
+def _acked_bps(history: dict[int, list[tuple[float, int]]], t0: float, t1: float) -> float:
+    """Acknowledged bytes/s of all generator processes between t0 and t1 (monotonic)."""
+    return sum(rate_between(pts, t0, t1) for pts in history.values() if len(pts) >= 2)
 
 
 def _sum_series(history: dict[int, list[tuple[float, int]]], t0: float, t1: float,
@@ -396,7 +400,6 @@ def _sum_series(history: dict[int, list[tuple[float, int]]], t0: float, t1: floa
     out = []
     t = t0
     while t + step <= t1 + 1e-9:
-        rate = sum(rate_between(pts, t, t + step) for pts in history.values() if len(pts) >= 2)
-        out.append((t + step - t0, rate))
+        out.append((t + step - t0, _acked_bps(history, t, t + step)))
         t += step
     return out

@@ -17,7 +17,7 @@ def _rss(phase: dict) -> str:
     return f"{phase['server_peak_rss'] / MiB:.0f}" + (f" ({child / MiB:.0f})" if child else "")
 
 
-def _halves(halves: list[float] | None) -> str:
+def _halves_text(halves: list[float] | None) -> str:
     """A step's acknowledged MB/s in the two halves of its window: equal when the rate held."""
     return " / ".join(format(v, ".0f") for v in halves) if halves else "—"
 
@@ -178,7 +178,7 @@ def markdown(result: dict, plots: dict[str, str] | None = None) -> str:
             if "error" in s:
                 lines.append(f"| {s['agents']} | failed: {s['error'][:200]} | | | | | | | | | |")
                 continue
-            lines.append(f"| {s['agents']} | {s['acked_mbps']:.1f} | {_halves(s.get('acked_mbps_halves'))} | "
+            lines.append(f"| {s['agents']} | {s['acked_mbps']:.1f} | {_halves_text(s.get('acked_mbps_halves'))} | "
                          f"{_f(s.get('stored_mbps'))} | "
                          f"{s['carried']:.0%} | "
                          f"{s['latency']['p50_ms']:.1f} / {s['latency']['p99_ms']:.1f} | "

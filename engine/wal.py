@@ -55,19 +55,12 @@ def parse_segment_name(path: Path) -> tuple[int, int]:
     return int(number), int(floor or 0)
 
 
-def _number_at(data: bytes, offset: int) -> int:
-    """The chunk number in the header at ``offset``, unauthenticated; -1 where no chunk header starts."""
-    if len(data) - offset < CHUNK_HEADER.size or data[offset:offset + len(WAL_MAGIC)] != WAL_MAGIC:
-        return -1
-    return CHUNK_HEADER.unpack_from(data, offset)[1]
-
-
 def _next_chunk_from(data: bytes, start: int, keys: KeyLookup, path: Path,
                      floor: int) -> tuple[int, WalChunk | None]:
     """The first chunk at or after ``start`` that reads and is numbered at or above ``floor``."""
     resume = data.find(WAL_MAGIC, start)
     while resume >= 0:
-        if _number_at(data, resume) >= floor and (chunk := read_chunk(data, resume, keys, name=str(path))):
+        if chunk := read_chunk(data, resume, keys, name=str(path), floor=floor):
             return resume, chunk
         resume = data.find(WAL_MAGIC, resume + 1)
     return -1, None
@@ -170,12 +163,12 @@ class WriteAheadLog:
 
     @staticmethod
     def _chunks(data: bytes, keys: KeyLookup, path: Path, floor: int) -> Iterator[tuple[int, WalChunk]]:
-        """The chunks of one segment, in order. In a recycled segment a chunk numbered below its ``floor``
-        is the file's old content, told by its header alone (it may be sealed under a key retired since):
-        where the new chunks stop and only old ones follow, the segment ends, and that is no damage."""
+        """The chunks of one segment, in order. In a recycled segment the chunks below its ``floor`` are
+        the file's old content (:func:`read_chunk`): where the new chunks stop and only old ones follow,
+        the segment ends, and that is no damage."""
         offset = 0
         while offset < len(data):
-            chunk = read_chunk(data, offset, keys, name=str(path)) if _number_at(data, offset) >= floor else None
+            chunk = read_chunk(data, offset, keys, name=str(path), floor=floor)
             if chunk is None:
                 resume, chunk = _next_chunk_from(data, offset + 1, keys, path, floor)
                 if chunk is None and floor:

@@ -143,9 +143,12 @@ class WalSealer:
         return plaintext
 
 
-def read_chunk(data: bytes | memoryview, offset: int, keys: KeyLookup, *, name: str | None = None) -> WalChunk | None:
+def read_chunk(data: bytes | memoryview, offset: int, keys: KeyLookup, *, name: str | None = None,
+               floor: int = 0) -> WalChunk | None:
     """The chunk at ``offset``, or None where the log ends: no more bytes, or a chunk cut short or
     garbled by a crash during its write (never acknowledged, since acks follow the write's fsync).
+    A chunk numbered below ``floor`` is None too, told by its header alone: in a recycled segment it is
+    the file's old content, possibly sealed under a key retired since.
 
     Raises LogBlobError for a complete chunk sealed with a key the ring does not hold, or whose
     sections do not add up (a bug or tampering, not a torn write: the tag authenticated them).
@@ -155,7 +158,7 @@ def read_chunk(data: bytes | memoryview, offset: int, keys: KeyLookup, *, name: 
         return None
     magic, number, key_id, nonce, length = CHUNK_HEADER.unpack_from(view, offset)
     end = offset + CHUNK_HEADER.size + length
-    if magic != WAL_MAGIC or length < GCM_TAG_SIZE or end > len(view):
+    if magic != WAL_MAGIC or length < GCM_TAG_SIZE or end > len(view) or number < floor:
         return None
     key = keys(key_id)
     if key is None:

@@ -291,6 +291,21 @@ def test_a_released_segment_is_written_over_and_only_its_new_chunks_replay(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
+def test_at_most_two_released_segments_are_kept_and_only_full_ones(tmp_path: Path) -> None:
+    """Kept files lie outside the spool's budget (docs/operations.md says two at most); a short segment
+    (closed by a failed append or a stop) is not worth keeping."""
+    wal = WriteAheadLog(tmp_path / "wal", WalSealer(KEY), segment_bytes=256 * 1024)
+    for seq in range(1, 10):  # three full segments of three chunks each
+        wal.append(section([os.urandom(100 * 1024)]), {"d": seq})
+    wal.append(section([os.urandom(1000)]), {"d": 10})
+    wal.close()  # the fourth segment closes short
+    assert len(list((tmp_path / "wal").glob("*.wal"))) == 4
+    wal.release({"d": 10})
+    kept = list((tmp_path / "wal").glob("*.free"))
+    assert len(kept) == 2 and all(path.stat().st_size > 256 * 1024 for path in kept)
+    assert not list((tmp_path / "wal").glob("*.wal"))
+
+
 class Killed(BaseException):
     """What a kill -9 leaves: nothing after this point runs, not even the append's clean-up."""
 
