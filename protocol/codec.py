@@ -11,6 +11,11 @@ never mutates a chunk after handing it over. A frame split across chunks is
 assembled once into a buffer of exactly its size. Buffering is bounded: a
 header announcing more than ``max_frame`` bytes is refused before any of the
 body is kept.
+
+A transport that reads into buffers it is given (asyncio's BufferedProtocol)
+uses ``get_buffer`` / ``buffer_updated`` instead: the rest of a split body is
+then read straight into that body, and everything else into a new buffer that
+is never handed out again, so no payload byte is copied after decryption.
 """
 
 from __future__ import annotations
@@ -202,6 +207,7 @@ class FrameDecoder:
         self._body_have = 0
         self._body_type = 0
         self._failed: RemoteProtocolError | None = None
+        self._lent: bytearray | None = None  # the new buffer get_buffer handed out; None: it lent the body
 
     @property
     def buffered(self) -> int:
@@ -213,6 +219,35 @@ class FrameDecoder:
             raise self._failed
         try:
             return self._feed(memoryview(chunk).cast("B"))
+        except RemoteProtocolError as exc:
+            self._failed = exc
+            raise
+
+    def get_buffer(self, size_hint: int) -> memoryview:
+        """Where the transport should put the next bytes: the unfilled rest of a body split across reads,
+        else a new buffer of ``size_hint`` bytes (at least a frame header). Never raises: after a failure
+        the bytes still go somewhere, and ``buffer_updated`` raises the failure again."""
+        if self._body is not None and self._failed is None:
+            self._lent = None
+            return memoryview(self._body)[self._body_have:]
+        self._lent = bytearray(max(size_hint, FRAME_HEADER.size))
+        return memoryview(self._lent)
+
+    def buffer_updated(self, nbytes: int) -> list[Frame]:
+        """The transport wrote ``nbytes`` into what ``get_buffer`` returned: decode them."""
+        if self._failed is not None:
+            raise self._failed
+        lent, self._lent = self._lent, None
+        if lent is not None:
+            return self.feed(memoryview(lent)[:nbytes])
+        if self._body is None:
+            raise RuntimeError("buffer_updated without get_buffer")
+        self._body_have += nbytes
+        if self._body_have < len(self._body):
+            return []
+        body, self._body, self._body_have = self._body, None, 0
+        try:
+            return [decode_body(self._body_type, memoryview(body), verify_checksum=self.verify_checksums)]
         except RemoteProtocolError as exc:
             self._failed = exc
             raise

@@ -51,7 +51,17 @@ class _Connection:
 
     def receive_data(self, data: bytes | memoryview) -> list[Frame]:
         """Decode and validate what arrived. Raises RemoteProtocolError on bad input."""
-        frames = self._decoder.feed(data)
+        return self._checked(self._decoder.feed(data))
+
+    def receive_buffer(self, size_hint: int) -> memoryview:
+        """Where the transport should read the next bytes into (``FrameDecoder.get_buffer``)."""
+        return self._decoder.get_buffer(size_hint)
+
+    def received_into(self, nbytes: int) -> list[Frame]:
+        """Decode and validate the ``nbytes`` read into ``receive_buffer``. Raises RemoteProtocolError."""
+        return self._checked(self._decoder.buffer_updated(nbytes))
+
+    def _checked(self, frames: list[Frame]) -> list[Frame]:
         for frame in frames:
             self._check_incoming(frame)
         return frames

@@ -197,6 +197,62 @@ def test_arbitrary_splits_yield_the_same_frames(frames, data):
     assert [as_plain(f) for f in out] == [as_plain(f) for f in frames]
 
 
+def read_into(dec: FrameDecoder, stream: bytes, reads: list[int]) -> list:
+    """What a buffered transport does: ask for a buffer (hinting what is pending), fill what fits of it."""
+    out, pos = [], 0
+    for want in [*reads, len(stream)]:
+        while pos < len(stream) and want > 0:
+            buf = dec.get_buffer(len(stream) - pos)
+            n = min(len(buf), want, len(stream) - pos)
+            buf[:n] = stream[pos:pos + n]
+            pos, want = pos + n, want - n
+            out += dec.buffer_updated(n)
+            assert dec.buffered <= dec.max_frame + FRAME_HEADER.size
+    return out
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frames=st.lists(any_frame, min_size=1, max_size=12), data=st.data())
+def test_reads_into_lent_buffers_yield_the_same_frames(frames, data):
+    stream = b"".join(encode(f) for f in frames)
+    reads = data.draw(st.lists(st.integers(1, max(1, len(stream))), max_size=30), label="reads")
+    dec = FrameDecoder()
+    out = read_into(dec, stream, reads)
+    dec.eof()
+    assert [as_plain(f) for f in out] == [as_plain(f) for f in frames]
+
+
+def test_a_split_body_is_read_into_place():
+    """The rest of a body split across reads is lent out itself, so the payload is never copied."""
+    first, second = Write.make(1, 1, 0, b"a" * 1000, 5), Write.make(1, 2, 0, b"b" * 1000, 6)
+    stream = encode(first) + encode(second)
+    dec = FrameDecoder()
+    lent = dec.get_buffer(300)  # the first frame's header and 300 - 5 bytes of its body
+    lent[:300] = stream[:300]
+    assert dec.buffer_updated(300) == []
+    rest = dec.get_buffer(len(stream) - 300)
+    assert len(rest) == len(encode(first)) - 300  # exactly the rest of that body
+    rest[:] = stream[300:len(encode(first))]
+    (frame,) = dec.buffer_updated(len(rest))
+    assert frame.data.obj is rest.obj and bytes(frame.data) == b"a" * 1000
+    whole = dec.get_buffer(len(encode(second)))
+    whole[:] = encode(second)
+    (frame,) = dec.buffer_updated(len(whole))
+    assert frame.data.obj is whole.obj  # a whole frame in a lent buffer is zero copy too
+
+
+def test_a_failed_decoder_still_lends_a_buffer_and_raises_on_update():
+    dec = FrameDecoder(max_frame=10)
+    buf = dec.get_buffer(64)
+    buf[:5] = FRAME_HEADER.pack(11, 1)
+    with pytest.raises(RemoteProtocolError) as first:
+        dec.buffer_updated(5)
+    assert len(dec.get_buffer(64)) == 64  # the transport's bytes still go somewhere
+    with pytest.raises(RemoteProtocolError) as again:
+        dec.buffer_updated(64)
+    assert again.value is first.value
+
+
 def test_one_byte_at_a_time():
     frames = [
         Hello(PROTOCOL_VERSION, "a", "t"), OpenDisk(3, "disk-0", 1 << 30, 4096), Write.make(3, 1, 512, b"q" * 1024, 7),
