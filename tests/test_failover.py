@@ -15,6 +15,7 @@ from engine.recovery.service import LocalRecovery, RecoveryError
 from engine.server import ProcessServer
 from engine.workload import ContentPool, random_writes
 from protocol import TagKind
+from protocol.journal import EntryName
 
 MiB = 1024 * 1024
 SIZE = 8 * MiB
@@ -195,6 +196,30 @@ async def test_cost_is_a_copy_plus_the_changes_since_the_point(tmp_path: Path) -
             result = await recovery.failover("cost", point.id, tmp_path / "p.img", test=True)
             assert result["rolled_back_entries"] == back
             assert (tmp_path / "p.img").read_bytes() == recorder.state_at(point.seq)
+
+
+async def test_a_failover_refuses_to_roll_back_across_a_lost_entry(tmp_path: Path) -> None:
+    """An entry lost while the disk is open (opening drops what no longer chains): rolled back across the gap,
+    the copy would be handed out as the point with the lost group's writes still in it."""
+    data = tmp_path / "data"
+    config = make_config(data, policy={"crash_point_interval_ms": 0})
+    recorder = Recorder()
+    writes = random_writes(ContentPool(2 * MiB), SIZE, max_size=64 * 1024, seed=8)
+    async with ProcessServer(config) as server, agent_for(data, server.connect_info.port) as agent:
+        recovery = LocalRecovery(server.applier, server.config)
+        disk = await agent.open_disk("gap", SIZE)
+        for _ in range(4):  # four apply groups, one point each
+            await write_some(disk, recorder, writes, 3)
+            await agent.flush()
+            await server.drain()
+        points = await recovery.points("gap")
+        volume = server.applier.disks["gap"].volume
+        lost = sorted((e for n in await volume.list_entries() if (e := EntryName.parse(n))), key=lambda e: e.seq_to)[2]
+        await volume.delete_entry(str(lost))
+        with pytest.raises(RecoveryError, match=f"no undo entry covers sequences {lost.seq_from + 1}-{lost.seq_to}"):
+            await recovery.failover("gap", points[0].id, tmp_path / "p.img", test=True)
+        result = await recovery.failover("gap", points[-2].id, tmp_path / "q.img", test=True)  # after the gap
+        assert (tmp_path / "q.img").read_bytes() == recorder.state_at(result["seq"])
 
 
 async def test_a_failover_saves_the_disk_state_under_the_disk_lock(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ the roll-back still needs.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -61,6 +62,7 @@ async def failover(applier: Applier, disk: str, spec: str, out: Path, *, test: b
                        key=lambda e: e.seq_to, reverse=True)
         if newer and newer[-1].seq_from != seq:
             raise PointNotFound(f"point {seq} of disk {disk!r} is no longer retained")
+        _check_chain(disk, seq, newer)
         await asyncio.to_thread(_roll_back_copy, out, [await _entry(d.volume, e) for e in newer])
     finally:
         d.pins[seq] -= 1
@@ -73,6 +75,16 @@ async def failover(applier: Applier, disk: str, spec: str, out: Path, *, test: b
             d.state = state  # only once saved: a refused save must not leave memory ahead of the disk
     point = next((p for p in applier.points(disk) if p.seq == seq), None)
     return FailoverResult(disk, seq, point, out, size, test, len(newer))
+
+
+def _check_chain(disk: str, seq: int, newer: list[EntryName]) -> None:
+    """Each entry must roll back to the state the next older one starts from: rolled back across a gap (an
+    entry lost since the disk was opened, which checks the whole chain), the copy would be handed out as
+    point ``seq`` with the gap's writes still in it."""
+    for later, earlier in itertools.pairwise(newer):
+        if later.seq_from != earlier.seq_to:
+            raise PointNotFound(f"point {seq} of disk {disk!r} cannot be materialised: no undo entry covers "
+                                f"sequences {earlier.seq_to + 1}-{later.seq_from} (damaged or lost)")
 
 
 async def _entry(volume: object, name: EntryName) -> UndoEntry:
