@@ -21,11 +21,11 @@ is never handed out again, so no payload byte is copied after decryption.
 from __future__ import annotations
 
 import struct
-import zlib
 from typing import Any
 
 import msgpack
 
+from protocol.checksum import crc32
 from protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from protocol.frames import (
     Ack,
@@ -181,7 +181,7 @@ def decode_body(frame_type_value: int, body: memoryview, *, verify_checksum: boo
             )
         handle, seq, offset, timestamp_us, checksum = WRITE_HEADER.unpack_from(body)
         data = body[WRITE_HEADER.size:]
-        if verify_checksum and zlib.crc32(data) != checksum:
+        if verify_checksum and crc32(data) != checksum:
             raise RemoteProtocolError(
                 ErrorCode.BAD_CHECKSUM, f"payload of {len(data)} bytes at offset {offset} fails its CRC-32",
                 handle=handle, seq=seq,

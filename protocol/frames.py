@@ -9,10 +9,10 @@ docs/FORMAT.md for the byte-level specification).
 from __future__ import annotations
 
 import re
-import zlib
 from dataclasses import dataclass
 from enum import IntEnum
 
+from protocol.checksum import crc32
 from protocol.errors import ErrorCode
 
 PROTOCOL_VERSION = 1
@@ -100,7 +100,7 @@ class Write:
     @classmethod
     def make(cls, handle: int, seq: int, offset: int, data: bytes | memoryview, timestamp_us: int) -> Write:
         """Build a write with its checksum computed (what an agent normally wants)."""
-        return cls(handle, seq, offset, timestamp_us, data, zlib.crc32(data))
+        return cls(handle, seq, offset, timestamp_us, data, crc32(data))
 
 
 @dataclass(frozen=True, slots=True)

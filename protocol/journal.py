@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import re
 import struct
-import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import lz4.block
 
+from protocol.checksum import crc32
 from protocol.errors import LogBlobError
 from protocol.frames import TagKind
 
@@ -101,7 +101,7 @@ class UndoEntry:
         n = self.name
         fields = (UNDO_MAGIC, UNDO_VERSION, 0, n.seq_from, n.seq_to, n.source_us, n.recorded_us,
                   len(self.ranges), len(self.tags), len(chunks), len(body))
-        crc = zlib.crc32(body, zlib.crc32(UNDO_HEADER.pack(*fields, 0)[:-4]))  # header and body, but the CRC
+        crc = crc32(body, crc32(UNDO_HEADER.pack(*fields, 0)[:-4]))  # header and body, but the CRC
         return UNDO_HEADER.pack(*fields, crc) + body
 
     @classmethod
@@ -127,7 +127,7 @@ class UndoEntry:
         if (seq_from, seq_to) != (name.seq_from, name.seq_to):
             raise LogBlobError("undo entry's sequence range does not match its name", name=label)
         body = memoryview(data)[UNDO_HEADER.size:]
-        if len(body) != body_size or zlib.crc32(body, zlib.crc32(memoryview(data)[:UNDO_HEADER.size - 4])) != crc:
+        if len(body) != body_size or crc32(body, crc32(memoryview(data)[:UNDO_HEADER.size - 4])) != crc:
             raise LogBlobError("undo entry fails its checksum", name=label)
         return n_ranges, n_tags, n_chunks
 
@@ -194,7 +194,7 @@ def parse_record_header(data: bytes | memoryview) -> JournalRecord | None:
 
 
 def _record_crc(raw_name: bytes, entry_size: int) -> int:
-    return zlib.crc32(raw_name, zlib.crc32(struct.pack("<HI", len(raw_name), entry_size)))
+    return crc32(raw_name, crc32(struct.pack("<HI", len(raw_name), entry_size)))
 
 
 def _compress(chunk: memoryview) -> bytes:

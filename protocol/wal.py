@@ -17,7 +17,6 @@ rest) but not compressed. Pure computation: the caller supplies nonces, buffers 
 from __future__ import annotations
 
 import struct
-import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from protocol.checksum import crc32
 from protocol.errors import LogBlobError
 from protocol.logblob import (
     GCM_TAG_SIZE,
@@ -202,14 +202,14 @@ def check_read_back(records: bytes | memoryview, disk: str, first_seq: int, chec
     pos, crc = 0, 0
     for record, checksum in zip(list(iter_records(view, header, name="(write-ahead log, read back)")), checksums):
         if isinstance(record, WriteRecord):
-            crc = zlib.crc32(view[pos:pos + RECORD_HEADER.size], crc)
+            crc = crc32(view[pos:pos + RECORD_HEADER.size], crc)
             pos += RECORD_HEADER.size + len(record.data)
-            if checksum is not None and zlib.crc32(record.data) != checksum:
+            if checksum is not None and crc32(record.data) != checksum:
                 raise LogBlobError(f"sequence {record.seq} read back from the write-ahead log fails its CRC-32",
                                    disk=disk)
         else:
             size = RECORD_HEADER.size + RECORD_HEADER.unpack_from(view, pos)[-1]
-            crc = zlib.crc32(view[pos:pos + size], crc)
+            crc = crc32(view[pos:pos + size], crc)
             pos += size
     if crc != headers_crc:
         raise LogBlobError(f"sequences {first_seq}-{header.last_seq} read back from the write-ahead log: their "
@@ -221,5 +221,5 @@ def headers_crc(records: Iterable[bytes | memoryview]) -> int:
     record as the pipeline holds it (a write's header; a tag whole)."""
     crc = 0
     for first_piece in records:
-        crc = zlib.crc32(first_piece, crc)
+        crc = crc32(first_piece, crc)
     return crc

@@ -20,11 +20,11 @@ import json
 import logging
 import os
 import struct
-import zlib
 from pathlib import Path
 from typing import Any
 
 from engine.fsutil import sync_or_rewrite, write_at, write_durably
+from protocol.checksum import crc32
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def encode_slot(generation: int, record: dict[str, Any]) -> bytes:
     body = json.dumps(record, separators=(",", ":")).encode()
     if SLOT_HEADER.size + len(body) > SLOT_BYTES:
         raise ValueError(f"a seed state record of {len(body)} bytes does not fit a {SLOT_BYTES}-byte slot")
-    crc = zlib.crc32(body, zlib.crc32(struct.pack("<QI", generation, len(body))))
+    crc = crc32(body, crc32(struct.pack("<QI", generation, len(body))))
     return (SLOT_HEADER.pack(SLOT_MAGIC, generation, len(body), crc) + body).ljust(SLOT_BYTES, b"\0")
 
 
@@ -57,7 +57,7 @@ def decode_newest(data: bytes, *, name: str) -> tuple[int, dict[str, Any]]:
         magic, generation, length, crc = SLOT_HEADER.unpack_from(slot)
         body = slot[SLOT_HEADER.size:SLOT_HEADER.size + length]
         if (magic == SLOT_MAGIC and len(body) == length
-                and zlib.crc32(body, zlib.crc32(struct.pack("<QI", generation, length))) == crc):
+                and crc32(body, crc32(struct.pack("<QI", generation, length))) == crc):
             found.append((generation, body))
     if not found:
         raise StateFileDamaged(f"seed state file {name}: neither slot holds a whole record (damaged, not a torn "
