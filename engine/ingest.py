@@ -86,8 +86,8 @@ class IngestContext:
 
 class AgentConnection(asyncio.BufferedProtocol):
     """One agent's connection. A buffered protocol, so that the TLS layer decrypts straight into the
-    buffers frames are decoded from (a body split across reads is completed in place): no payload byte
-    is copied between the decryption and the write-ahead log."""
+    buffers frames are decoded from: whole frames are views into what was read, and a body split across
+    reads is completed in place (only its start, read with the frame before, is copied)."""
 
     def __init__(self, ctx: IngestContext) -> None:
         self.ctx = ctx

@@ -15,7 +15,8 @@ body is kept.
 A transport that reads into buffers it is given (asyncio's BufferedProtocol)
 uses ``get_buffer`` / ``buffer_updated`` instead: the rest of a split body is
 then read straight into that body, and everything else into a new buffer that
-is never handed out again, so no payload byte is copied after decryption.
+is never handed out again. Only the start of a split body, which came with the
+read before, is copied.
 """
 
 from __future__ import annotations
