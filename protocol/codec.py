@@ -46,6 +46,7 @@ from protocol.frames import (
 FRAME_HEADER = struct.Struct("<IB")
 WRITE_HEADER = struct.Struct("<IQQQI")  # handle, seq, offset, timestamp_us, crc32
 DEFAULT_MAX_FRAME = 4 * 1024 * 1024 + WRITE_HEADER.size
+UNSIZED_BUFFER = 64 * 1024  # what FrameDecoder.get_buffer lends when the transport gives no size hint
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
 
@@ -226,12 +227,14 @@ class FrameDecoder:
 
     def get_buffer(self, size_hint: int) -> memoryview:
         """Where the transport should put the next bytes: the unfilled rest of a body split across reads,
-        else a new buffer of ``size_hint`` bytes (at least a frame header). Never raises: after a failure
-        the bytes still go somewhere, and ``buffer_updated`` raises the failure again."""
+        else a new buffer of ``size_hint`` bytes — uvloop's TLS layer hints what it holds; asyncio's own
+        loop may hint nothing (-1 or 0), and gets UNSIZED_BUFFER rather than a read per frame header.
+        Never raises: after a failure the bytes still go somewhere, and ``buffer_updated`` raises the
+        failure again."""
         if self._body is not None and self._failed is None:
             self._lent = None
             return memoryview(self._body)[self._body_have:]
-        self._lent = bytearray(max(size_hint, FRAME_HEADER.size))
+        self._lent = bytearray(size_hint if size_hint >= FRAME_HEADER.size else UNSIZED_BUFFER)
         return memoryview(self._lent)
 
     def buffer_updated(self, nbytes: int) -> list[Frame]:

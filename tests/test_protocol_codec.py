@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from protocol.codec import (
     DEFAULT_MAX_FRAME,
     FRAME_HEADER,
+    UNSIZED_BUFFER,
     WRITE_HEADER,
     FrameDecoder,
     decode_body,
@@ -239,6 +240,17 @@ def test_a_split_body_is_read_into_place():
     whole[:] = encode(second)
     (frame,) = dec.buffer_updated(len(whole))
     assert frame.data.obj is whole.obj  # a whole frame in a lent buffer is zero copy too
+
+
+@pytest.mark.parametrize("hint", [-1, 0, 3])
+def test_no_size_hint_lends_a_buffer_for_more_than_a_header(hint):
+    """asyncio's own loop may hint nothing: a header-sized buffer would cost a read per frame header."""
+    dec = FrameDecoder()
+    wire = encode(Write.make(1, 1, 0, b"h" * 1000, 5)) * 3
+    buf = dec.get_buffer(hint)
+    assert len(buf) == UNSIZED_BUFFER
+    buf[:len(wire)] = wire
+    assert [bytes(f.data) for f in dec.buffer_updated(len(wire))] == [b"h" * 1000] * 3
 
 
 def test_a_failed_decoder_still_lends_a_buffer_and_raises_on_update():

@@ -83,8 +83,9 @@ def _check_chain(disk: str, seq: int, newer: list[EntryName]) -> None:
     point ``seq`` with the gap's writes still in it."""
     for later, earlier in itertools.pairwise(newer):
         if later.seq_from != earlier.seq_to:
-            raise PointNotFound(f"point {seq} of disk {disk!r} cannot be materialised: no undo entry covers "
-                                f"sequences {earlier.seq_to + 1}-{later.seq_from} (damaged or lost)")
+            raise PointNotFound(f"point {seq} of disk {disk!r} cannot be materialised: its undo entries do not "
+                                f"chain (one ends at sequence {earlier.seq_to}, the next newer rolls back to "
+                                f"{later.seq_from}: an entry damaged or lost)")
 
 
 async def _entry(volume: object, name: EntryName) -> UndoEntry:
