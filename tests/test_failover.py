@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -174,19 +175,26 @@ async def _unknown_point_and_disk_are_clear_errors(server: ProcessServer, tmp_pa
         await recovery.failover("d", "yesterday", tmp_path / "x.img", test=True)
 
 
-async def test_cost_is_a_copy_plus_the_changes_since_the_point(tmp_path: Path) -> None:
-    """Latest = one copy (nothing rolled back); an older point rolls back only the entries after it."""
+@contextlib.asynccontextmanager
+async def disk_with_points(tmp_path: Path, disk_id: str, groups: int,
+                           seed: int) -> AsyncIterator[tuple[ProcessServer, LocalRecovery, Recorder]]:
+    """A running server whose disk ``disk_id`` was written in ``groups`` apply groups, one point each."""
     data = tmp_path / "data"
     config = make_config(data, policy={"crash_point_interval_ms": 0})
     recorder = Recorder()
-    writes = random_writes(ContentPool(2 * MiB), SIZE, max_size=64 * 1024, seed=5)
+    writes = random_writes(ContentPool(2 * MiB), SIZE, max_size=64 * 1024, seed=seed)
     async with ProcessServer(config) as server, agent_for(data, server.connect_info.port) as agent:
-        recovery = LocalRecovery(server.applier, server.config)
-        disk = await agent.open_disk("cost", SIZE)
-        for _ in range(12):  # twelve apply groups, one point each
+        disk = await agent.open_disk(disk_id, SIZE)
+        for _ in range(groups):
             await write_some(disk, recorder, writes, 3)
             await agent.flush()
             await server.drain()
+        yield server, LocalRecovery(server.applier, server.config), recorder
+
+
+async def test_cost_is_a_copy_plus_the_changes_since_the_point(tmp_path: Path) -> None:
+    """Latest = one copy (nothing rolled back); an older point rolls back only the entries after it."""
+    async with disk_with_points(tmp_path, "cost", 12, seed=5) as (_, recovery, recorder):
         points = await recovery.points("cost")
         assert len(points) == 12
         latest = await recovery.failover("cost", "latest-processed", tmp_path / "l.img", test=True)
@@ -201,17 +209,7 @@ async def test_cost_is_a_copy_plus_the_changes_since_the_point(tmp_path: Path) -
 async def test_a_failover_refuses_to_roll_back_across_a_lost_entry(tmp_path: Path) -> None:
     """An entry lost while the disk is open (opening drops what no longer chains): rolled back across the gap,
     the copy would be handed out as the point with the lost group's writes still in it."""
-    data = tmp_path / "data"
-    config = make_config(data, policy={"crash_point_interval_ms": 0})
-    recorder = Recorder()
-    writes = random_writes(ContentPool(2 * MiB), SIZE, max_size=64 * 1024, seed=8)
-    async with ProcessServer(config) as server, agent_for(data, server.connect_info.port) as agent:
-        recovery = LocalRecovery(server.applier, server.config)
-        disk = await agent.open_disk("gap", SIZE)
-        for _ in range(4):  # four apply groups, one point each
-            await write_some(disk, recorder, writes, 3)
-            await agent.flush()
-            await server.drain()
+    async with disk_with_points(tmp_path, "gap", 4, seed=8) as (server, recovery, recorder):
         points = await recovery.points("gap")
         volume = server.applier.disks["gap"].volume
         lost = sorted((e for n in await volume.list_entries() if (e := EntryName.parse(n))), key=lambda e: e.seq_to)[2]
