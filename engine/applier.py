@@ -20,12 +20,13 @@ again. So the seed disk, the journal and the list of points always agree.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -82,6 +83,25 @@ class DiskState:
     last_group: float = 0.0  # monotonic time of the last apply group
     pins: Counter[int] = field(default_factory=Counter)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one apply or rollback at a time per disk
+    unpinned: asyncio.Event = field(default_factory=asyncio.Event)  # set while no failover reads the volume
+
+    def __post_init__(self) -> None:
+        self.unpinned.set()
+
+    @contextlib.contextmanager
+    def pinned(self, seq: int) -> Iterator[None]:
+        """A failover reading point ``seq``: pruning keeps the entries it rolls back through, and the volume is
+        not closed under its copy (see ``Applier._reopen``)."""
+        self.pins[seq] += 1
+        self.unpinned.clear()
+        try:
+            yield
+        finally:
+            self.pins[seq] -= 1
+            if not self.pins[seq]:
+                del self.pins[seq]
+            if not self.pins:
+                self.unpinned.set()
 
 
 class Applier:
@@ -322,7 +342,15 @@ class Applier:
     async def _reopen(self, disk: str, d: DiskState) -> None:
         """Open a volume that refuses changes again: opening rolls back the group it was left in the middle
         of (as at a start), so this process goes on without a restart. If the roll-back fails too, that
-        error ends the applier (its process is restarted)."""
+        error ends the applier (its process is restarted).
+
+        A failover copying the disk is let finish first. Its copy may hold the broken group's writes, which
+        the group's undo entry repairs only while the entry exists; the roll-back deletes it (and closing
+        the volume would close the file the copy reads)."""
+        while d.pins:  # a failover may pin again between the event and this task's turn
+            log.warning("applier: disk %r: waiting for %d failover(s) copying it before opening it again", disk,
+                        d.pins.total())
+            await d.unpinned.wait()
         self.disks.pop(disk, None)
         await d.volume.close()
         reopened = await self.disk(disk)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -189,9 +190,7 @@ async def test_overlapping_blobs_apply_each_sequence_once(tmp_path: Path) -> Non
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(bytes(Sealer(KEY).seal(b"".join(r for seq in range(first, last + 1) for r in records[seq]),
                                                 header, os.urandom(12))))
-    policy = PolicyConfig(crash_point_interval_ms=0, retention_hours=1)
-    applier = Applier(LocalStore(store_dir, fsync=False), KeyRing(KEY), LocalVolumes(tmp_path / "seed", fsync=False),
-                      lambda disk: policy)
+    applier = _local_applier(store_dir, tmp_path / "seed")
     try:
         while await applier.apply_available(force=True):
             pass
@@ -203,6 +202,14 @@ async def test_overlapping_blobs_apply_each_sequence_once(tmp_path: Path) -> Non
         assert await applier.store.list_blobs() == []
     finally:
         await applier.close()
+
+
+def _local_applier(store: Path | LocalStore, seed_dir: Path, *, fsync: bool = False) -> Applier:
+    """An applier of a local cache store (a directory, or the store itself) onto local seed volumes, every group
+    a point."""
+    policy = PolicyConfig(crash_point_interval_ms=0, retention_hours=1)
+    store = store if isinstance(store, LocalStore) else LocalStore(store, fsync=False)
+    return Applier(store, KeyRing(KEY), LocalVolumes(seed_dir, fsync=fsync), lambda disk: policy)
 
 
 def _store_blob(store_dir: Path, seq: int, offset: int, data: bytes, disk: str = DISK) -> None:
@@ -263,14 +270,85 @@ async def test_a_group_failing_after_its_undo_entry_is_rolled_back_before_it_is_
         await applier.close()
 
 
+async def test_a_disk_that_breaks_under_a_failover_copy_is_opened_again_only_once_the_copy_is_done(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Group 2's writes land, and a failover copies the disk before the group's state save fails. Opening the
+    disk again rolls group 2 back and deletes its undo entry, the one the copy needs to undo the writes it
+    copied (and it closes the file the copy reads): under the copy, that would hand out point 1 with group
+    2's writes in it. The applier waits for the copy instead."""
+    store_dir = tmp_path / "cache"
+    applier = _local_applier(store_dir, tmp_path / "seed")
+    first, second = b"a" * 1024, b"b" * 512
+    _store_blob(store_dir, 1, 0, first)
+    try:
+        assert await applier.apply_available(force=True) == 1
+        _store_blob(store_dir, 2, 256, second)
+        broken = applier.disks[DISK].volume
+        landed, fail, copied, resume = (threading.Event() for _ in range(4))
+
+        def full_disk_once_copied(state: object) -> None:  # in the apply thread, after the group's writes
+            landed.set()
+            fail.wait(10)
+            raise OSError(28, "No space left on device")
+
+        def hold_copy(done: int, total: int) -> None:  # in the copying thread
+            if done == total and not copied.is_set():
+                copied.set()
+                resume.wait(10)
+
+        monkeypatch.setattr(broken, "_save_state", full_disk_once_copied)
+        apply = asyncio.create_task(applier.apply_available(force=True))
+        assert await asyncio.to_thread(landed.wait, 10)
+        out = tmp_path / "p1.img"
+        copying = asyncio.create_task(failover(applier, DISK, "latest-processed", out, test=True, progress=hold_copy))
+        assert await asyncio.to_thread(copied.wait, 10)
+        fail.set()
+        while not apply.done() and "waiting for 1 failover(s) copying it" not in caplog.text:
+            await asyncio.sleep(0.01)
+        resume.set()
+        result = await copying
+        assert await apply == 0
+        assert (result.seq, result.rolled_back_entries) == (1, 1)
+        assert out.read_bytes() == first + bytes(SIZE - 1024), "the copy was handed out with group 2 in it"
+        assert applier.disks[DISK].volume is not broken
+        assert applier.applied_seq(DISK) == 1
+        assert await applier.apply_available(force=True) == 1
+        await failover(applier, DISK, "latest", out, test=True)
+        assert out.read_bytes() == first[:256] + second + first[768:] + bytes(SIZE - 1024)
+    finally:
+        await applier.close()
+
+
+async def test_a_latest_failover_copies_the_disk_its_catch_up_opened_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catching up applies group 2, whose state cannot be saved, so the disk is opened again as a new state:
+    the failover copies that one, not the closed volume it looked up before catching up."""
+    store_dir = tmp_path / "cache"
+    applier = _local_applier(store_dir, tmp_path / "seed")
+    first = b"a" * 1024
+    _store_blob(store_dir, 1, 0, first)
+    try:
+        assert await applier.apply_available(force=True) == 1
+        _store_blob(store_dir, 2, 256, b"b" * 512)
+
+        def full_disk(state: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(applier.disks[DISK].volume, "_save_state", full_disk)
+        out = tmp_path / "latest.img"
+        result = await failover(applier, DISK, "latest", out, test=True)
+        assert (result.seq, out.read_bytes()) == (1, first + bytes(SIZE - 1024))
+    finally:
+        await applier.close()
+
+
 async def test_a_seed_state_is_made_durable_before_the_applier_acts_on_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A kill between the state file's rename and its directory's sync leaves the new state in the page cache
     only. The restarted applier deletes blobs the state says are applied (here one a crash left behind): the
     state file and its directory must be on disk before that."""
     store_dir, seed_dir = tmp_path / "cache", tmp_path / "seed"
-    policy = PolicyConfig(crash_point_interval_ms=0, retention_hours=1)
-    applier = Applier(LocalStore(store_dir, fsync=False), KeyRing(KEY), LocalVolumes(seed_dir), lambda disk: policy)
+    applier = _local_applier(store_dir, seed_dir, fsync=True)
     _store_blob(store_dir, 1, 0, b"a" * 1024)
     try:
         assert await applier.apply_available(force=True) == 1
@@ -296,7 +374,7 @@ async def test_a_seed_state_is_made_durable_before_the_applier_acts_on_it(
         await delete(name)
 
     store.delete = recorded_delete  # type: ignore[method-assign]
-    applier = Applier(store, KeyRing(KEY), LocalVolumes(seed_dir), lambda disk: policy)
+    applier = _local_applier(store, seed_dir, fsync=True)
     try:
         await applier.apply_available(force=True)
         deleted = events.index("deleted " + blob_name(DISK, 1, 1))
@@ -310,9 +388,7 @@ async def test_a_failover_refused_by_its_volume_leaves_the_disk_as_it_was(tmp_pa
     """A failover or commit whose state cannot be saved must not leave memory ahead of the disk: a disk
     committed in memory only has its blobs deleted unapplied, pass after pass."""
     store_dir, seed_dir = tmp_path / "cache", tmp_path / "seed"
-    policy = PolicyConfig(crash_point_interval_ms=0, retention_hours=1)
-    applier = Applier(LocalStore(store_dir, fsync=False), KeyRing(KEY), LocalVolumes(seed_dir, fsync=False),
-                      lambda disk: policy)
+    applier = _local_applier(store_dir, seed_dir)
     _store_blob(store_dir, 1, 0, b"a" * 1024)
     _store_blob(store_dir, 2, 0, b"b" * 1024)
     try:
@@ -340,9 +416,7 @@ async def test_a_pass_ends_with_the_error_that_ends_the_applier_not_a_store_that
     """Every disk's apply finishes before a pass ends; of their errors, one the applier cannot retry (here
     the seed directory's) wins over a store error, which only means "try again at the next pass"."""
     store_dir, seed_dir = tmp_path / "cache", tmp_path / "seed"
-    policy = PolicyConfig(crash_point_interval_ms=0, retention_hours=1)
-    applier = Applier(LocalStore(store_dir, fsync=False), KeyRing(KEY), LocalVolumes(seed_dir, fsync=False),
-                      lambda disk: policy)
+    applier = _local_applier(store_dir, seed_dir)
     for disk in ("a", "b"):
         _store_blob(store_dir, 1, 0, b"x" * 512, disk=disk)
     get = applier.store.get

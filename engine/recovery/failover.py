@@ -45,18 +45,15 @@ class FailoverResult:
 async def failover(applier: Applier, disk: str, spec: str, out: Path, *, test: bool,
                    progress: Progress | None = None) -> FailoverResult:
     """Materialise the point ``spec`` names into ``out``; without ``test``, record the failover."""
-    d = applier.disks.get(disk)
-    if d is None:
-        if disk not in await applier.known_disks():
-            raise PointNotFound(f"disk {disk!r} has no seed disk here")
-        d = await applier.disk(disk)
-    if d.state.committed_failover:
+    if disk not in applier.disks and disk not in await applier.known_disks():
+        raise PointNotFound(f"disk {disk!r} has no seed disk here")
+    if (await applier.disk(disk)).state.committed_failover:
         raise PointNotFound(f"disk {disk!r} was failed over and committed; its points were released")
     if spec == "latest":  # lowest RPO: process everything already uploaded first
         await applier.catch_up(disk)
+    d = await applier.disk(disk)  # after catch_up: a volume that broke meanwhile was opened again, as a new state
     seq = select_point(applier.points(disk), spec, latest_seq=d.state.applied_seq)
-    d.pins[seq] += 1
-    try:
+    with d.pinned(seq):  # taken in the same step as d: no reopening comes between
         size = await d.volume.copy_image_to(out, progress)
         newer = sorted((e for n in await d.volume.list_entries() if (e := EntryName.parse(n)) and e.seq_to > seq),
                        key=lambda e: e.seq_to, reverse=True)
@@ -64,11 +61,8 @@ async def failover(applier: Applier, disk: str, spec: str, out: Path, *, test: b
             raise PointNotFound(f"point {seq} of disk {disk!r} is no longer retained")
         _check_chain(disk, seq, newer)
         await asyncio.to_thread(_roll_back_copy, out, [await _entry(d.volume, e) for e in newer])
-    finally:
-        d.pins[seq] -= 1
-        if not d.pins[seq]:
-            del d.pins[seq]
     if not test:
+        d = await applier.disk(disk)  # the volume may have been opened again since the copy
         async with d.lock:  # an apply pass saves the same state file: two writers could tear it
             state = replace(d.state, failover_seq=seq)
             await d.volume.save_state(state)
