@@ -55,7 +55,10 @@ class ApplierService:
                 self.lock.acquire(f"pid {os.getpid()} ({self.role})")
                 break
             except ApplierLocked as exc:
-                if wait_while is None or not wait_while(self.lock.holder() or ""):
+                holder = self.lock.holder()
+                if holder is None:  # released since it refused us (an orphan finishing): not a holder to judge
+                    continue
+                if wait_while is None or not wait_while(holder):
                     raise
                 if not waiting:
                     log.warning("%s; waiting for it to stop", exc)

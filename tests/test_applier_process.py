@@ -30,11 +30,12 @@ from support import (
 from engine.agent import AgentError
 from engine.applier import ApplierLock, ApplierLocked
 from engine.applier_process import ROLE, ApplierProcessError
+from engine.applier_service import ApplierService
 from engine.disks import DiskInfo
 from engine.monitor import DiskHealth
 from engine.pipeline import DiskStream
 from engine.recovery.service import RemoteRecovery, admin_token, open_recovery, running_admin_url
-from engine.server import ProcessServer
+from engine.server import ProcessServer, load_keyring
 from engine.workload import ContentPool
 
 MiB = 1024 * 1024
@@ -187,6 +188,31 @@ async def test_a_dead_servers_applier_process_is_waited_for(tmp_path: Path) -> N
         assert not _lock_is_free(config.seed_dir)
     finally:
         await server.close()
+
+
+async def test_a_seed_lock_freed_between_its_refusal_and_the_look_at_its_holder_is_taken(tmp_path: Path) -> None:
+    """The orphaned applier process finishes just after the lock refused the new one: read then, the lock names
+    no holder. That is no configuration error to fail the start on; the next try takes the lock."""
+    config = make_config(tmp_path / "data")
+    load_keyring(config, create=True)
+    orphan = ApplierLock(config.seed_dir)
+    orphan.acquire("the orphan")
+    service = ApplierService(config, "test", control_plane=False)
+    acquire = service.lock.acquire
+
+    def refused_then_freed(info: str = "") -> None:
+        service.lock.acquire = acquire  # type: ignore[method-assign]
+        try:
+            acquire(info)
+        finally:
+            orphan.release()
+
+    service.lock.acquire = refused_then_freed  # type: ignore[method-assign]
+    await asyncio.wait_for(service.start(wait_while=lambda holder: False), T)
+    try:
+        assert not _lock_is_free(config.seed_dir)
+    finally:
+        await service.close()
 
 
 async def test_the_servers_monitor_sees_what_its_applier_process_has_not_applied(
