@@ -381,8 +381,8 @@ class Agent:
                     raise AgentError(f"disk {disk.disk!r}: the server resumes it after sequence {frame.resume_seq} "
                                      f"but had acknowledged up to {disk.acked_seq}: writes {frame.resume_seq + 1}-"
                                      f"{disk.acked_seq} were lost on the server (its spool or write-ahead log was "
-                                     "lost or damaged); the disk needs a full resync into a fresh seed "
-                                     "(docs/operations.md)")
+                                     "lost or damaged); the disk needs a full resync: restart its agent, which "
+                                     "sends every block again (docs/operations.md)")
                 disk._resumed(frame.resume_seq)
                 if disk._opened is not None and not disk._opened.done():
                     disk._opened.set_result(frame.resume_seq)

@@ -70,6 +70,7 @@ class ApplierProcess:
         http = config.http.model_copy(update={"port": config.applier.http_port})
         self._child_config = config.model_copy(update={"http": http})
         self.committed: set[str] = set()  # disks whose failover was committed: replication has stopped
+        self.applied: dict[str, int] = {}  # disk → applied sequence, as last reported (streams or not)
         self.restarts = 0
         self.pid: int | None = None
         self._proc: asyncio.subprocess.Process | None = None
@@ -170,6 +171,7 @@ class ApplierProcess:
             if not ready.done():
                 ready.set_result(None)
         elif "applied" in message:
+            self.applied[message["disk"]] = message["applied"]
             self._on_applied(message["disk"], message["applied"])
         elif "committed" in message:
             self.committed.add(message["disk"])

@@ -362,6 +362,25 @@ class Pipeline:
             self._spawn(self._make_directories(info.disk))
         return stream
 
+    def resume_after_seed(self, stream: DiskStream, applied_seq: int) -> asyncio.Task[None] | None:
+        """A seed that holds more than this server does: its spool, write-ahead log or upload watermarks were
+        lost (or restored from an older copy) after the writes beyond them were applied. The disk resumes
+        after what its seed holds. Resumed lower, an agent that lost nothing would be told to resync, and a
+        resync numbered from there would be taken by the applier for what it applied already, and skipped.
+        Only a disk with nothing pending here: what is pending is ordered after what the server holds.
+
+        Returns the save of the new resume point (None: nothing to resume), which the disk's opening waits
+        for: restarted before it is on disk, the server would replay the log from the old point, find the
+        disk continuing after the seed's, and drop what it acknowledged there as a hole."""
+        if applied_seq <= stream.accepted_seq or stream.batches():
+            return None
+        log.warning("disk %r: its seed holds sequences up to %d, this server only up to %d (its spool, write-ahead "
+                    "log or upload watermarks were lost, or restored from an older copy); it resumes after %d",
+                    stream.info.disk, applied_seq, stream.accepted_seq, applied_seq)
+        stream.accepted_seq = stream.durable_seq = stream.uploaded_seq = applied_seq
+        self.watermarks.seqs[stream.info.disk] = applied_seq
+        return self._spawn(self._save_watermarks())
+
     async def _make_directories(self, disk: str) -> None:
         """A newly opened disk's spool and cache-store directories, made now rather than by its first blob.
 
@@ -554,13 +573,14 @@ class Pipeline:
         self.spool.used_bytes -= freed  # not `-= await`: that would read used_bytes before the await
         self._update_flow()
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
         if self._closing:  # nothing new once close() began (a linger or a commit landing late)
             coroutine.close()
-            return
+            return None
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # ------------------------------------------------------------ seal + spool
 

@@ -141,7 +141,8 @@ class ProcessServer:
             self.applier = self._applier_service.applier
             assert self.applier is not None
             self.pipeline.stored_listeners.append(self.applier.notify)
-        self._ctx = IngestContext(self.pipeline, agents, disks, self._is_committed, server_name=cfg.server.name,
+        self._ctx = IngestContext(self.pipeline, agents, disks, self._is_committed, self.applied_seq,
+                                  server_name=cfg.server.name,
                                   max_frame=int(cfg.server.max_frame_bytes),
                                   read_buffer=int(cfg.server.read_buffer_bytes),
                                   read_buffers_total=int(cfg.server.read_buffers_total_bytes))
@@ -185,11 +186,14 @@ class ProcessServer:
                     conn.heartbeat()
 
     def applied_seq(self, disk: str) -> int:
-        """The disk's applied sequence as this server's applier (in-process or child) last reported it."""
+        """The disk's applied sequence as this server's applier (in-process or child) last reported it, else
+        (the applier run apart) as its local seed's state file says."""
         if self.applier is not None:
             return self.applier.applied_seq(disk)
-        stream = self.pipeline.streams.get(disk) if self.pipeline is not None else None
-        return (stream.applied_seq or 0) if stream is not None else 0
+        if self.applier_process is not None:
+            return self.applier_process.applied.get(disk, 0)
+        state = read_state_record(self.config.seed_dir, disk)
+        return int(state.get("applied_seq", 0)) if state is not None else 0
 
     async def drain(self) -> None:
         """Wait until everything accepted is durable and uploaded (and applied, if embedded)."""

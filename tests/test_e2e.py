@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from pathlib import Path
 
@@ -15,10 +16,12 @@ from support import (
     read_seed,
     seed_state,
     sha,
+    wait_for,
     write_random,
 )
 
 from engine.agent import AgentError
+from engine.config import Config
 from engine.server import ProcessServer
 from engine.workload import ContentPool
 
@@ -129,29 +132,72 @@ async def test_duplicate_resend_is_skipped(server: ProcessServer) -> None:
         assert server.pipeline.stats.received_bytes == 8192
 
 
+async def _restarted_without_its_spool(server: ProcessServer, config: Config, *,
+                                      run_applier: bool = True) -> ProcessServer:
+    """The server comes back without what it acknowledged: its spool's disk was lost, with its write-ahead log
+    and upload watermarks; the seed (and its cache store) remain."""
+    await server.close()
+    shutil.rmtree(config.spool_dir)
+    (config.state_dir / "uploaded.json").unlink(missing_ok=True)
+    server = ProcessServer(config, run_applier=run_applier)
+    await server.start()
+    return server
+
+
 async def test_an_agent_told_that_acknowledged_writes_were_lost_stops_and_says_so(tmp_path: Path) -> None:
-    """The server came back without what it acknowledged (its spool and watermarks lost): resending from its
-    resume point would be refused as a gap, and the lost writes would never come back. The agent stops,
-    naming the disk and the lost sequences, and what to do."""
+    """The seed holds write 1 only, when the server loses writes 2-3 it acknowledged: resending from its resume
+    point would be refused as a gap, and the lost writes would never come back. The agent stops, naming the
+    disk and the lost sequences, and what to do."""
     data = tmp_path / "data"
-    server = ProcessServer(make_config(data))
+    server = ProcessServer(make_config(data, policy={"crash_point_interval_ms": 60_000}))  # one group, then none
     await server.start()
     port = server.connect_info.port
-    config = make_config(data, server={"port": port})
+    config = make_config(data, server={"port": port}, policy={"crash_point_interval_ms": 60_000})
     async with agent_for(data, port, reconnect_max_s=0.2) as agent:
         disk = await agent.open_disk("d", 1 * MiB)
-        for seq in range(3):
+        await (await disk.write(0, b"\x01" * 4096))
+        await wait_for(lambda: server.applied_seq("d") == 1, "write 1 applied")
+        for seq in range(1, 3):
             await (await disk.write(4096 * seq, bytes([seq + 1]) * 4096))
-        await server.close()
-        shutil.rmtree(config.spool_dir)  # the acknowledged writes went with the spool's disk
-        (config.state_dir / "uploaded.json").unlink(missing_ok=True)
-        server = ProcessServer(config)
-        await server.start()
+        server = await _restarted_without_its_spool(server, config)
 
         async def write_once() -> int:
             return await (await disk.write(0, bytes(4096)))
 
-        with pytest.raises(AgentError, match=r"disk 'd'.*after sequence 0.*acknowledged up to 3.*writes 1-3 were "
+        with pytest.raises(AgentError, match=r"disk 'd'.*after sequence 1.*acknowledged up to 3.*writes 2-3 were "
                                              r"lost.*full resync"):
             await asyncio.wait_for(write_once(), 10)
     await server.close()
+
+
+@pytest.mark.parametrize("applier", ["in-process", "process", "apart"])
+async def test_a_server_that_lost_only_what_the_seed_holds_resumes_the_disk_after_the_seed(
+        tmp_path: Path, applier: str) -> None:
+    """Everything the server acknowledged was applied before it lost its spool: the disk resumes after what
+    its seed holds, and the agent goes on with nothing lost and no resync. Resumed at 0, the agent would
+    have been told that writes 1-3 were lost, and a resync numbered from 1 skipped as already applied. The
+    server learns the seed's sequence from its applier, in-process or its child, or (with the applier run
+    apart) from the seed's state file."""
+    data = tmp_path / "data"
+    server = ProcessServer(make_config(data, applier={"process": applier == "process"}))
+    await server.start()
+    port = server.connect_info.port
+    config = make_config(data, server={"port": port}, applier={"process": applier == "process"})
+    async with agent_for(data, port, reconnect_max_s=0.2) as agent:
+        disk = await agent.open_disk("d", 1 * MiB)
+        for seq in range(3):
+            await (await disk.write(4096 * seq, bytes([seq + 1]) * 4096))
+        await server.drain()
+        server = await _restarted_without_its_spool(server, config, run_applier=applier != "apart")
+        assert await asyncio.wait_for(await disk.write(3 * 4096, b"\x04" * 4096), 10) == 4
+        # saved before the disk was opened: restarted now, the log's write 4 follows the resume point
+        assert json.loads((config.state_dir / "uploaded.json").read_bytes())["d"] >= 3
+    await server.close()
+    server = ProcessServer(config)
+    await server.start()
+    try:
+        assert server.pipeline.streams["d"].durable_seq == 4
+        await server.drain()
+    finally:
+        await server.close()
+    assert read_seed(config, "d") == b"".join(bytes([n]) * 4096 for n in range(1, 5)) + bytes(1 * MiB - 4 * 4096)
