@@ -26,14 +26,14 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from engine.config import PolicyConfig
 from engine.keys import KeyRing
-from engine.recovery.points import Point, points_of, prune_horizon
+from engine.recovery.points import Point, PointNotFound, points_of, prune_horizon
 from engine.recovery.volume import GroupCommit, SeedState, SeedVolume, VolumeBroken
 from engine.store import CacheStore
 from engine.store.base import StoreError
@@ -84,6 +84,7 @@ class DiskState:
     pins: Counter[int] = field(default_factory=Counter)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one apply or rollback at a time per disk
     unpinned: asyncio.Event = field(default_factory=asyncio.Event)  # set while no failover reads the volume
+    committing: bool = False  # a failover commit is deleting the undo entries: nothing may pin a point
 
     def __post_init__(self) -> None:
         self.unpinned.set()
@@ -91,7 +92,10 @@ class DiskState:
     @contextlib.contextmanager
     def pinned(self, seq: int) -> Iterator[None]:
         """A failover reading point ``seq``: pruning keeps the entries it rolls back through, and the volume is
-        not closed under its copy (see ``Applier._reopen``)."""
+        not closed under its copy (see ``Applier._reopen``). Refused once a commit began releasing the points;
+        a commit in turn refuses while a point is pinned (engine/recovery/failover.py)."""
+        if self.committing or self.state.committed_failover:
+            raise PointNotFound(f"disk {self.state.disk!r} was failed over and committed; its points were released")
         self.pins[seq] += 1
         self.unpinned.clear()
         try:
@@ -157,6 +161,17 @@ class Applier:
             return d
         async with self._opening.setdefault(name, asyncio.Lock()):
             return await self._open_disk(name, size)
+
+    @contextlib.asynccontextmanager
+    async def locked(self, name: str) -> AsyncIterator[DiskState]:
+        """The disk's state under its lock, and the current one: the apply pass that held the lock may have
+        opened a broken volume again meanwhile, which replaces the state looked up before waiting."""
+        while True:
+            d = await self.disk(name)
+            async with d.lock:
+                if self.disks.get(name) is d:
+                    yield d
+                    return
 
     async def _open_disk(self, name: str, size: int) -> DiskState:
         d = self.disks.get(name)

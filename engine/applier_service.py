@@ -57,6 +57,7 @@ class ApplierService:
             except ApplierLocked as exc:
                 holder = self.lock.holder()
                 if holder is None:  # released since it refused us (an orphan finishing): not a holder to judge
+                    await asyncio.sleep(0)
                     continue
                 if wait_while is None or not wait_while(holder):
                     raise

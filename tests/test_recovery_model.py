@@ -29,6 +29,7 @@ from engine.config import AzureStoreConfig, PolicyConfig, SeedAzureConfig
 from engine.keys import KeyRing
 from engine.recovery.azure_volume import AzureVolumes
 from engine.recovery.failover import commit, failover
+from engine.recovery.points import PointNotFound
 from engine.recovery.volume import LocalVolumes, VolumeBroken
 from engine.store import LocalStore
 from engine.store.base import StoreError
@@ -270,12 +271,14 @@ async def test_a_group_failing_after_its_undo_entry_is_rolled_back_before_it_is_
         await applier.close()
 
 
+@pytest.mark.parametrize("test", [True, False], ids=["test-failover", "failover"])
 async def test_a_disk_that_breaks_under_a_failover_copy_is_opened_again_only_once_the_copy_is_done(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, test: bool) -> None:
     """Group 2's writes land, and a failover copies the disk before the group's state save fails. Opening the
     disk again rolls group 2 back and deletes its undo entry, the one the copy needs to undo the writes it
     copied (and it closes the file the copy reads): under the copy, that would hand out point 1 with group
-    2's writes in it. The applier waits for the copy instead."""
+    2's writes in it. The applier waits for the copy instead. A failover (not a test) is then recorded in
+    the disk opened again, not refused by the broken volume it copied."""
     store_dir = tmp_path / "cache"
     applier = _local_applier(store_dir, tmp_path / "seed")
     first, second = b"a" * 1024, b"b" * 512
@@ -300,7 +303,7 @@ async def test_a_disk_that_breaks_under_a_failover_copy_is_opened_again_only_onc
         apply = asyncio.create_task(applier.apply_available(force=True))
         assert await asyncio.to_thread(landed.wait, 10)
         out = tmp_path / "p1.img"
-        copying = asyncio.create_task(failover(applier, DISK, "latest-processed", out, test=True, progress=hold_copy))
+        copying = asyncio.create_task(failover(applier, DISK, "latest-processed", out, test=test, progress=hold_copy))
         assert await asyncio.to_thread(copied.wait, 10)
         fail.set()
         while not apply.done() and "waiting for 1 failover(s) copying it" not in caplog.text:
@@ -312,9 +315,46 @@ async def test_a_disk_that_breaks_under_a_failover_copy_is_opened_again_only_onc
         assert out.read_bytes() == first + bytes(SIZE - 1024), "the copy was handed out with group 2 in it"
         assert applier.disks[DISK].volume is not broken
         assert applier.applied_seq(DISK) == 1
+        assert applier.disks[DISK].state.failover_seq == (None if test else 1)
         assert await applier.apply_available(force=True) == 1
         await failover(applier, DISK, "latest", out, test=True)
         assert out.read_bytes() == first[:256] + second + first[768:] + bytes(SIZE - 1024)
+    finally:
+        await applier.close()
+
+
+async def test_a_commit_waits_for_a_failover_copy_that_needs_the_entries_it_releases(tmp_path: Path) -> None:
+    """A commit deletes every undo entry. A test failover of point 1 copying meanwhile would find none newer
+    than its point to roll back through, and hand out the latest image as point 1: the commit is refused
+    until the copy is done."""
+    store_dir = tmp_path / "cache"
+    applier = _local_applier(store_dir, tmp_path / "seed")
+    first = b"a" * 1024
+    _store_blob(store_dir, 1, 0, first)
+    try:
+        assert await applier.apply_available(force=True) == 1
+        _store_blob(store_dir, 2, 0, b"b" * 1024)
+        assert await applier.apply_available(force=True) == 1  # a group, a point, each
+        await failover(applier, DISK, "latest", tmp_path / "latest.img", test=False)
+        copied, resume = threading.Event(), threading.Event()
+
+        def hold_copy(done: int, total: int) -> None:  # in the copying thread
+            if done == total and not copied.is_set():
+                copied.set()
+                resume.wait(10)
+
+        point = next(p for p in applier.points(DISK) if p.seq == 1)
+        out = tmp_path / "p1.img"
+        copying = asyncio.create_task(failover(applier, DISK, point.id, out, test=True, progress=hold_copy))
+        assert await asyncio.to_thread(copied.wait, 10)
+        with pytest.raises(PointNotFound, match="being copied by another failover"):
+            await commit(applier, DISK)
+        resume.set()
+        assert (await copying).seq == 1
+        assert out.read_bytes() == first + bytes(SIZE - 1024)
+        assert await commit(applier, DISK) == 2
+        with pytest.raises(PointNotFound, match="committed"):
+            await failover(applier, DISK, "latest-processed", out, test=True)
     finally:
         await applier.close()
 

@@ -62,8 +62,7 @@ async def failover(applier: Applier, disk: str, spec: str, out: Path, *, test: b
         _check_chain(disk, seq, newer)
         await asyncio.to_thread(_roll_back_copy, out, [await _entry(d.volume, e) for e in newer])
     if not test:
-        d = await applier.disk(disk)  # the volume may have been opened again since the copy
-        async with d.lock:  # an apply pass saves the same state file: two writers could tear it
+        async with applier.locked(disk) as d:  # an apply pass saves the same state file: two writers could tear it
             state = replace(d.state, failover_seq=seq)
             await d.volume.save_state(state)
             d.state = state  # only once saved: a refused save must not leave memory ahead of the disk
@@ -99,19 +98,24 @@ def _roll_back_copy(out: Path, entries: list[UndoEntry]) -> None:
 
 async def commit(applier: Applier, disk: str) -> int:
     """Commit a failover: replication of the disk stops and its other points are released (as in ASR)."""
-    d = await applier.disk(disk)
-    if d.state.failover_seq is None:
-        raise PointNotFound(f"disk {disk!r} has no failover to commit (run failover without --test first)")
-    async with d.lock:
-        # memory follows the disk: a committed disk's blobs are deleted unapplied, so a refused save must not
-        # leave it committed in memory only
-        state = replace(d.state, committed_failover=True)
-        await d.volume.save_state(state)
-        d.state = state
-        for name in list(d.entries):
-            await d.volume.delete_entry(str(name))
-        released = len(d.entries)
-        d.entries.clear()
+    async with applier.locked(disk) as d:
+        if d.state.failover_seq is None:
+            raise PointNotFound(f"disk {disk!r} has no failover to commit (run failover without --test first)")
+        if d.pins:  # its roll-back needs the entries a commit deletes: it would hand out the latest image instead
+            raise PointNotFound(f"disk {disk!r} is being copied by another failover; commit once that is done")
+        d.committing = True  # in the same step as the check: no failover pins a point from here on
+        try:
+            # memory follows the disk: a committed disk's blobs are deleted unapplied, so a refused save must
+            # not leave it committed in memory only
+            state = replace(d.state, committed_failover=True)
+            await d.volume.save_state(state)
+            d.state = state
+            for name in list(d.entries):
+                await d.volume.delete_entry(str(name))
+            released = len(d.entries)
+            d.entries.clear()
+        finally:
+            d.committing = False
     for listener in applier.committed_listeners:
         listener(disk)
     return released
