@@ -47,11 +47,10 @@ class IngestContext:
     """What every connection shares: the pipeline, who may connect, which disks exist."""
 
     def __init__(self, pipeline: Pipeline, agents: AgentRegistry, disks: DiskRegistry,
-                 is_committed: Callable[[str], bool], applied_seq: Callable[[str], int], *, server_name: str,
-                 max_frame: int, read_buffer: int, read_buffers_total: int) -> None:
+                 is_committed: Callable[[str], bool], *, server_name: str, max_frame: int, read_buffer: int,
+                 read_buffers_total: int) -> None:
         self.pipeline = pipeline
         self.is_committed = is_committed
-        self.applied_seq = applied_seq  # what the disk's seed holds (0: no seed, or no applier here)
         self.agents = agents
         self.disks = disks
         self.server_name = server_name
@@ -217,7 +216,6 @@ class AgentConnection(asyncio.BufferedProtocol):
                                       "committed; replication of it has stopped", disk=frame.disk)
         stream = self.ctx.pipeline.stream(info)
         stream.check_not_stopped()
-        resumed = self.ctx.pipeline.resume_after_seed(stream, self.ctx.applied_seq(frame.disk))
         for other in list(stream.listeners):  # a reconnect supersedes a connection not yet known dead
             if isinstance(other, AgentConnection) and other is not self:
                 other.fail(RemoteProtocolError(ErrorCode.SHUTTING_DOWN, "disk opened by a newer connection",
@@ -225,12 +223,7 @@ class AgentConnection(asyncio.BufferedProtocol):
         self.streams[frame.handle] = stream
         self.handles[frame.disk] = frame.handle
         stream.listeners[self] = self._on_durable
-        opened = DiskOpened(frame.handle, frame.disk, stream.durable_seq)
-        if resumed is None:
-            self._send(opened)
-        else:  # an agent writes nothing before this answer: nothing is acknowledged past an unsaved resume point
-            resumed.add_done_callback(lambda saved: self._send(opened) if not saved.cancelled()
-                                      and saved.exception() is None else self.close())
+        self._send(DiskOpened(frame.handle, frame.disk, stream.durable_seq))
 
     # ------------------------------------------------------------ acks
 

@@ -23,7 +23,7 @@ import queue
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +46,7 @@ from protocol.logblob import (
     WriteRecord,
     blob_name,
     iter_records,
+    parse_blob_name,
     tag_record,
     write_record_header,
 )
@@ -270,6 +271,7 @@ class Pipeline:
         self.flow_listeners: set[FlowListener] = set()
         self.stored_listeners: list[Callable[[], None]] = []
         self.track_applied = False  # keep DiskStream.unapplied (serve sets it when its applier is a child process)
+        self._applied: dict[str, int] = {}  # disk → applied sequence its applier process last reported
         self.stats = PipelineStats()
         self._executor = ThreadPoolExecutor(config.seal_threads, thread_name_prefix="seal")
         self._spare_buffers = 2 * config.seal_threads  # sealed-blob buffers kept for reuse (per blob: no os calls)
@@ -295,13 +297,15 @@ class Pipeline:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def start(self, disks: list[DiskInfo]) -> None:
+    async def start(self, disks: list[DiskInfo], seed_seqs: Mapping[str, int] | None = None) -> None:
         """Recover the spool and resume uploads of what the previous run left: its sealed blobs, then
-        what its write-ahead log holds beyond them (acknowledged, never sealed)."""
+        what its write-ahead log holds beyond them (acknowledged, never sealed). ``seed_seqs``: per disk,
+        what its seed holds (applied) — no disk resumes below it (:meth:`_raise_watermarks`)."""
         started = time.monotonic()
         removed = await self.store.remove_temporaries()
         if removed:
             log.warning("cache store: removed %d temporary name(s) an earlier run left (a crash mid-copy)", removed)
+        await self._raise_watermarks(seed_seqs or {})
         leftovers = await asyncio.to_thread(self.spool.recover, self._keys)
         if leftovers:  # each one is authenticated whole: with a full spool this is what a start waits for
             log.info("spool: %d blob(s), %.0f MB, checked in %.1f s", len(leftovers),
@@ -317,12 +321,12 @@ class Pipeline:
                 info = DiskInfo(disk, "", header.disk_size, SECTOR_SIZE)
             watermark = self.watermarks.seqs.get(disk, 0)
             blobs = sorted(by_disk.get(disk, []), key=lambda b: b.header.first_seq)
-            stream = self.streams[disk] = DiskStream(info, watermark)
+            stream = self._new_stream(info)
             durable = watermark
             for blob in blobs:
                 if blob.header.last_seq <= watermark:  # uploaded, but the crash came before its removal
                     stale = True
-                elif blob.header.first_seq == durable + 1:
+                elif blob.header.first_seq <= durable + 1:  # (its start may be in the store: the applier skips it)
                     stale = False
                 else:
                     # Spool writes complete in any order, and a torn or lost blob leaves a hole: what follows it
@@ -358,28 +362,43 @@ class Pipeline:
     def stream(self, info: DiskInfo) -> DiskStream:
         stream = self.streams.get(info.disk)
         if stream is None:
-            stream = self.streams[info.disk] = DiskStream(info, self.watermarks.seqs.get(info.disk, 0))
+            stream = self._new_stream(info)
             self._spawn(self._make_directories(info.disk))
         return stream
 
-    def resume_after_seed(self, stream: DiskStream, applied_seq: int) -> asyncio.Task[None] | None:
-        """A seed that holds more than this server does: its spool, write-ahead log or upload watermarks were
-        lost (or restored from an older copy) after the writes beyond them were applied. The disk resumes
-        after what its seed holds. Resumed lower, an agent that lost nothing would be told to resync, and a
-        resync numbered from there would be taken by the applier for what it applied already, and skipped.
-        Only a disk with nothing pending here: what is pending is ordered after what the server holds.
+    def _new_stream(self, info: DiskInfo) -> DiskStream:
+        stream = self.streams[info.disk] = DiskStream(info, self.watermarks.seqs.get(info.disk, 0))
+        if info.disk in self._applied:  # reported before the stream was made (serve starts its applier first)
+            stream.note_applied(self._applied[info.disk])
+        return stream
 
-        Returns the save of the new resume point (None: nothing to resume), which the disk's opening waits
-        for: restarted before it is on disk, the server would replay the log from the old point, find the
-        disk continuing after the seed's, and drop what it acknowledged there as a hole."""
-        if applied_seq <= stream.accepted_seq or stream.batches():
-            return None
-        log.warning("disk %r: its seed holds sequences up to %d, this server only up to %d (its spool, write-ahead "
-                    "log or upload watermarks were lost, or restored from an older copy); it resumes after %d",
-                    stream.info.disk, applied_seq, stream.accepted_seq, applied_seq)
-        stream.accepted_seq = stream.durable_seq = stream.uploaded_seq = applied_seq
-        self.watermarks.seqs[stream.info.disk] = applied_seq
-        return self._spawn(self._save_watermarks())
+    async def _raise_watermarks(self, seed_seqs: Mapping[str, int]) -> None:
+        """No disk resumes below what its seed or the cache store holds: its upload watermark is raised to
+        that, and saved, before anything resumes from it. After a crash this is what the watermark's last
+        save missed. After a lost spool or watermark file (or one restored from an older copy) it is what
+        this server no longer holds: resumed lower, an agent that lost nothing would be told to resync, a
+        resync numbered from there taken by the applier for what it holds already and skipped, and what the
+        log still holds past it dropped as following a hole (and replayed over the new numbering later)."""
+        held = dict(seed_seqs)
+        try:
+            names = await self.store.list_blobs()
+        except StoreError as exc:  # not a reason to refuse agents: the spool is there to ride out a store outage
+            log.warning("cannot list the cache store as the server starts (%s): a disk whose spool or upload "
+                        "watermark was lost resumes after what its seed holds, not its blobs in the store", exc)
+            names = []
+        for name in names:
+            if (parsed := parse_blob_name(name)) is not None:
+                disk, _, last = parsed
+                held[disk] = max(held.get(disk, 0), last)
+        raised = {disk: seq for disk, seq in held.items() if seq > self.watermarks.seqs.get(disk, 0)}
+        if not raised:
+            return
+        for disk, seq in sorted(raised.items()):
+            log.info("disk %r: its seed or the cache store holds sequences up to %d, beyond its upload watermark "
+                     "(%d): it resumes there or later", disk, seq, self.watermarks.seqs.get(disk, 0))
+        self.watermarks.seqs.update(raised)
+        await asyncio.to_thread(self.watermarks.save, dict(self.watermarks.seqs))
+        self._saved_watermarks = dict(self.watermarks.seqs)
 
     async def _make_directories(self, disk: str) -> None:
         """A newly opened disk's spool and cache-store directories, made now rather than by its first blob.
@@ -404,8 +423,7 @@ class Pipeline:
                 continue
             stream = self.streams.get(section.disk)
             if stream is None:  # a logged disk whose registration was lost: the log knows its size
-                stream = self.streams[section.disk] = DiskStream(
-                    DiskInfo(section.disk, "", section.disk_size, SECTOR_SIZE), self.watermarks.seqs.get(section.disk, 0))
+                stream = self._new_stream(DiskInfo(section.disk, "", section.disk_size, SECTOR_SIZE))
             for record in iter_records(section.records, section.blob_header(), name="(write-ahead log)"):
                 if record.seq <= stream.accepted_seq:
                     continue
@@ -573,14 +591,13 @@ class Pipeline:
         self.spool.used_bytes -= freed  # not `-= await`: that would read used_bytes before the await
         self._update_flow()
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         if self._closing:  # nothing new once close() began (a linger or a commit landing late)
             coroutine.close()
-            return None
+            return
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return task
 
     # ------------------------------------------------------------ seal + spool
 
@@ -874,6 +891,7 @@ class Pipeline:
                 if task.done() and not task.cancelled() and task.exception() is not None]
 
     def note_applied(self, disk: str, seq: int) -> None:
+        self._applied[disk] = seq
         stream = self.streams.get(disk)
         if stream is not None:
             stream.note_applied(seq)

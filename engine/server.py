@@ -27,7 +27,7 @@ from engine.filepool import FilePool
 from engine.ingest import AgentConnection, IngestContext
 from engine.keys import KeyRing
 from engine.pipeline import Pipeline
-from engine.recovery.state_file import read_state_record
+from engine.recovery.state_file import LEGACY_SUFFIX, STATE_SUFFIX, read_state_record
 from engine.recovery.volume import LocalVolumes
 from engine.spool import Spool, UploadWatermarks, pool_dir
 from engine.store import CacheStore, LocalStore
@@ -128,21 +128,22 @@ class ProcessServer:
         self.store = open_store(cfg, keys.lookup)
         watermarks = UploadWatermarks(cfg.state_dir / "uploaded.json")
         self.pipeline = Pipeline(cfg, Sealer(keys.current), spool, self.store, watermarks, keys=keys.lookup)
-        await self.pipeline.start(list(disks))
+        # the applier first: what its seeds hold is where the disks resume at the least (Pipeline.start)
         if self.run_applier and cfg.applier.process:
             self.pipeline.track_applied = True  # so this server's monitor knows the whole recoverable lag
             self.applier_process = ApplierProcess(cfg, on_applied=self.pipeline.note_applied,
                                                   on_failed=self.pipeline.note_apply_failure)
             await self.applier_process.start()
-            self.pipeline.stored_listeners.append(self.applier_process.notify)
         elif self.run_applier:
             self._applier_service = ApplierService(cfg, "blockferry serve", store=self.store, control_plane=False)
             await self._applier_service.start()
             self.applier = self._applier_service.applier
-            assert self.applier is not None
+        await self.pipeline.start(list(disks), self._seed_seqs())
+        if self.applier_process is not None:
+            self.pipeline.stored_listeners.append(self.applier_process.notify)
+        elif self.applier is not None:
             self.pipeline.stored_listeners.append(self.applier.notify)
-        self._ctx = IngestContext(self.pipeline, agents, disks, self._is_committed, self.applied_seq,
-                                  server_name=cfg.server.name,
+        self._ctx = IngestContext(self.pipeline, agents, disks, self._is_committed, server_name=cfg.server.name,
                                   max_frame=int(cfg.server.max_frame_bytes),
                                   read_buffer=int(cfg.server.read_buffer_bytes),
                                   read_buffers_total=int(cfg.server.read_buffers_total_bytes))
@@ -186,14 +187,22 @@ class ProcessServer:
                     conn.heartbeat()
 
     def applied_seq(self, disk: str) -> int:
-        """The disk's applied sequence as this server's applier (in-process or child) last reported it, else
-        (the applier run apart) as its local seed's state file says."""
+        """The disk's applied sequence as this server's applier (in-process or child) last reported it."""
         if self.applier is not None:
             return self.applier.applied_seq(disk)
+        return self.applier_process.applied.get(disk, 0) if self.applier_process is not None else 0
+
+    def _seed_seqs(self) -> dict[str, int]:
+        """What each seed holds (applied), from the applier this server runs or, run apart (``blockferry
+        apply``), from the local seeds' state files; an Azure seed's applier run apart is not asked."""
+        if self.applier is not None:
+            return {disk: d.state.applied_seq for disk, d in self.applier.disks.items()}
         if self.applier_process is not None:
-            return self.applier_process.applied.get(disk, 0)
-        state = read_state_record(self.config.seed_dir, disk)
-        return int(state.get("applied_seq", 0)) if state is not None else 0
+            return dict(self.applier_process.applied)
+        names = {path.name.removesuffix(LEGACY_SUFFIX).removesuffix(STATE_SUFFIX)
+                 for pattern in ("*" + STATE_SUFFIX, "*" + LEGACY_SUFFIX) for path in self.config.seed_dir.glob(pattern)}
+        return {disk: int(state.get("applied_seq", 0)) for disk in names
+                if (state := read_state_record(self.config.seed_dir, disk)) is not None}
 
     async def drain(self) -> None:
         """Wait until everything accepted is durable and uploaded (and applied, if embedded)."""

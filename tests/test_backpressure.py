@@ -145,7 +145,7 @@ async def test_many_connections_share_the_receive_buffer_budget(tmp_path: Path) 
 def test_a_receive_buffer_set_below_the_floor_is_honoured() -> None:
     """The 32 KiB floor is for shares of the budget, not a minimum imposed on the operator's own setting."""
     def size(read_buffer: int, connections: int) -> int:
-        ctx = IngestContext(None, None, None, lambda disk: False, lambda disk: 0, server_name="t",  # type: ignore[arg-type]
+        ctx = IngestContext(None, None, None, lambda disk: False, server_name="t",  # type: ignore[arg-type]
                             max_frame=1, read_buffer=read_buffer, read_buffers_total=32 * MiB)
         ctx.connections.update(object() for _ in range(connections))  # type: ignore[misc]
         return ctx.read_buffer_size()

@@ -132,34 +132,45 @@ async def test_duplicate_resend_is_skipped(server: ProcessServer) -> None:
         assert server.pipeline.stats.received_bytes == 8192
 
 
-async def _restarted_without_its_spool(server: ProcessServer, config: Config, *,
-                                      run_applier: bool = True) -> ProcessServer:
-    """The server comes back without what it acknowledged: its spool's disk was lost, with its write-ahead log
-    and upload watermarks; the seed (and its cache store) remain."""
+HELD_BACK = {"policy": {"crash_point_interval_ms": 60_000},  # the applier: one group, then none for a minute
+             "batch": {"linger_ms": 60_000}}  # a write stays in the log until the pipeline is drained
+
+
+async def _restarted_without(server: ProcessServer, config: Config, *, spool: bool,
+                             run_applier: bool = True) -> ProcessServer:
+    """The server comes back without its upload watermarks and (``spool``) its spool's disk, with the
+    write-ahead log; the seed and the cache store remain."""
     await server.close()
-    shutil.rmtree(config.spool_dir)
+    if spool:
+        shutil.rmtree(config.spool_dir)
     (config.state_dir / "uploaded.json").unlink(missing_ok=True)
     server = ProcessServer(config, run_applier=run_applier)
     await server.start()
     return server
 
 
+async def _seed_after_applying_everything(config: Config) -> bytes:
+    async with ProcessServer(make_config(config.server.data_dir, server={"port": config.server.port})) as server:
+        await server.drain()
+    return read_seed(config, "d")
+
+
 async def test_an_agent_told_that_acknowledged_writes_were_lost_stops_and_says_so(tmp_path: Path) -> None:
-    """The seed holds write 1 only, when the server loses writes 2-3 it acknowledged: resending from its resume
-    point would be refused as a gap, and the lost writes would never come back. The agent stops, naming the
-    disk and the lost sequences, and what to do."""
+    """The seed holds write 1 only, and writes 2-3 were in the spool only, when the server lost it: resending
+    from its resume point would be refused as a gap, and the lost writes would never come back. The agent
+    stops, naming the disk and the lost sequences, and what to do."""
     data = tmp_path / "data"
-    server = ProcessServer(make_config(data, policy={"crash_point_interval_ms": 60_000}))  # one group, then none
+    server = ProcessServer(make_config(data, **HELD_BACK))
     await server.start()
-    port = server.connect_info.port
-    config = make_config(data, server={"port": port}, policy={"crash_point_interval_ms": 60_000})
-    async with agent_for(data, port, reconnect_max_s=0.2) as agent:
+    config = make_config(data, server={"port": server.connect_info.port}, **HELD_BACK)
+    async with agent_for(data, config.server.port, reconnect_max_s=0.2) as agent:
         disk = await agent.open_disk("d", 1 * MiB)
         await (await disk.write(0, b"\x01" * 4096))
+        await server.pipeline.drain()
         await wait_for(lambda: server.applied_seq("d") == 1, "write 1 applied")
         for seq in range(1, 3):
             await (await disk.write(4096 * seq, bytes([seq + 1]) * 4096))
-        server = await _restarted_without_its_spool(server, config)
+        server = await _restarted_without(server, config, spool=True)
 
         async def write_once() -> int:
             return await (await disk.write(0, bytes(4096)))
@@ -181,23 +192,51 @@ async def test_a_server_that_lost_only_what_the_seed_holds_resumes_the_disk_afte
     data = tmp_path / "data"
     server = ProcessServer(make_config(data, applier={"process": applier == "process"}))
     await server.start()
-    port = server.connect_info.port
-    config = make_config(data, server={"port": port}, applier={"process": applier == "process"})
-    async with agent_for(data, port, reconnect_max_s=0.2) as agent:
+    config = make_config(data, server={"port": server.connect_info.port}, applier={"process": applier == "process"})
+    async with agent_for(data, config.server.port, reconnect_max_s=0.2) as agent:
         disk = await agent.open_disk("d", 1 * MiB)
         for seq in range(3):
             await (await disk.write(4096 * seq, bytes([seq + 1]) * 4096))
         await server.drain()
-        server = await _restarted_without_its_spool(server, config, run_applier=applier != "apart")
+        server = await _restarted_without(server, config, spool=True, run_applier=applier != "apart")
+        assert json.loads((config.state_dir / "uploaded.json").read_bytes())["d"] == 3  # saved as it starts
         assert await asyncio.wait_for(await disk.write(3 * 4096, b"\x04" * 4096), 10) == 4
-        # saved before the disk was opened: restarted now, the log's write 4 follows the resume point
-        assert json.loads((config.state_dir / "uploaded.json").read_bytes())["d"] >= 3
     await server.close()
-    server = ProcessServer(config)
+    assert await _seed_after_applying_everything(config) == \
+        b"".join(bytes([n]) * 4096 for n in range(1, 5)) + bytes(1 * MiB - 4 * 4096)
+
+
+@pytest.mark.parametrize("lost", ["spool", "watermarks"])
+async def test_a_server_resumes_a_disk_after_what_the_cache_store_or_its_log_still_holds(
+        tmp_path: Path, lost: str) -> None:
+    """The seed holds write 1 (and the log no longer does); writes 2-3 are in the cache store (the spool was
+    lost) or only in the log (the watermark file was lost). Resumed at what the seed holds, a resync numbered
+    from there would have been skipped for the store's blobs, and the log's records dropped as following a
+    hole (and replayed over the new numbering at a later start). The disk resumes after write 3, and the
+    agent goes on."""
+    data = tmp_path / "data"
+    small_log = {"spool": {"max_bytes": 2 * MiB}}  # segments of 256 KiB: write 1 fills one, released once applied
+    server = ProcessServer(make_config(data, **HELD_BACK, **small_log))
     await server.start()
-    try:
-        assert server.pipeline.streams["d"].durable_seq == 4
-        await server.drain()
-    finally:
-        await server.close()
-    assert read_seed(config, "d") == b"".join(bytes([n]) * 4096 for n in range(1, 5)) + bytes(1 * MiB - 4 * 4096)
+    config = make_config(data, server={"port": server.connect_info.port}, **HELD_BACK, **small_log)
+    first = b"\x01" * (384 * 1024)
+    async with agent_for(data, config.server.port, reconnect_max_s=0.2) as agent:
+        disk = await agent.open_disk("d", 1 * MiB)
+        await (await disk.write(0, first))
+        await server.pipeline.drain()
+        await wait_for(lambda: server.applied_seq("d") == 1, "write 1 applied")
+        await wait_for(lambda: server.pipeline.wal.size_bytes == 0, "write 1 released from the log")
+        for seq in range(2, 4):
+            await (await disk.write(MiB // 2 + 4096 * seq, bytes([seq]) * 4096))
+        if lost == "spool":
+            await server.pipeline.drain()  # in the cache store, not applied for a minute
+        # the applier apart and stopped: it would have applied the store's blobs as it started
+        server = await _restarted_without(server, config, spool=lost == "spool", run_applier=lost != "spool")
+        assert server.pipeline.streams["d"].durable_seq == 3
+        assert await asyncio.wait_for(await disk.write(MiB // 2 + 4096 * 4, b"\x04" * 4096), 10) == 4
+    await server.close()
+    expected = bytearray(MiB)
+    expected[:len(first)] = first
+    for seq in range(2, 5):
+        expected[MiB // 2 + 4096 * seq:MiB // 2 + 4096 * (seq + 1)] = bytes([seq]) * 4096
+    assert await _seed_after_applying_everything(config) == expected
