@@ -170,6 +170,8 @@ class ApplierProcess:
         if "ready" in message:
             if not ready.done():
                 ready.set_result(None)
+            else:  # a restarted child waits for a wake-up before it applies: the server's start gave the first
+                self.notify()
         elif "applied" in message:
             self.applied[message["disk"]] = message["applied"]
             self._on_applied(message["disk"], message["applied"])
@@ -232,9 +234,9 @@ async def _child(config: Config, report_fd: int) -> None:
 
     # serve alerts on the whole path (this process reports what it applies): alerting here too would double them
     service = ApplierService(config, f"blockferry serve ({ROLE} {os.getppid()})", alerts=False)
-    await service.start(wait_while=orphaned)
+    await service.start(wait_while=orphaned, run=False)  # the server's first wake-up starts it (see below)
     applier = service.applier
-    assert applier is not None and service.runner is not None
+    assert applier is not None
     applier.applied_listeners.append(lambda disk, seq: send({"disk": disk, "applied": seq}))
     applier.failure_listeners.append(lambda failure: send({"disk": failure.disk, "failed": failure.reason}))
     applier.committed_listeners.append(lambda disk: send({"disk": disk, "committed": True}))
@@ -245,18 +247,19 @@ async def _child(config: Config, report_fd: int) -> None:
     send({"ready": os.getpid()})
 
     def on_wake() -> None:
-        if os.read(0, 4096):
-            applier.notify()
-        else:  # EOF: the server closed us or died
+        if not os.read(0, 4096):  # EOF: the server closed us or died
             loop.remove_reader(0)
             stop.set()
+        elif service.runner is None:  # the server knows where its disks resume (Pipeline.start): apply now
+            service.run()
+            service.runner.add_done_callback(lambda _: stop.set())
+        else:
+            applier.notify()
 
     loop.add_reader(0, on_wake)
-    stopper = asyncio.create_task(stop.wait())
     try:
-        await asyncio.wait({stopper, service.runner}, return_when=asyncio.FIRST_COMPLETED)
+        await stop.wait()
     finally:
-        stopper.cancel()
         await service.close()
         report.close()
 

@@ -40,11 +40,12 @@ class ApplierService:
         self._store: CacheStore | None = store
         self._control_plane = control_plane
 
-    async def start(self, *, wait_while: Callable[[str], bool] | None = None) -> None:
+    async def start(self, *, wait_while: Callable[[str], bool] | None = None, run: bool = True) -> None:
         """Raises KeyFileError (no usable key) or ApplierLocked (another applier owns the seed).
 
         ``wait_while(holder)``: keep waiting for the lock while it says yes of what the holder advertised —
-        e.g. the applier process of a server that was killed, finishing its last group.
+        e.g. the applier process of a server that was killed, finishing its last group. ``run=False``: the
+        disks are opened (their applied sequences known) but nothing is applied until :meth:`run`.
         """
         from engine.server import build_applier, load_keyring, open_store  # the server module imports this one
 
@@ -77,6 +78,12 @@ class ApplierService:
         except BaseException:
             await self.close()
             raise
+        if run:
+            self.run()
+
+    def run(self) -> None:
+        """Start applying (serve holds this back until its pipeline knows where each disk resumes)."""
+        assert self.applier is not None and self.runner is None
         self.runner = asyncio.create_task(self.applier.run(), name="applier")
 
     async def close(self) -> None:

@@ -297,15 +297,17 @@ class Pipeline:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def start(self, disks: list[DiskInfo], seed_seqs: Mapping[str, int] | None = None) -> None:
+    async def start(self, disks: list[DiskInfo],
+                    seed_seqs: Callable[[], Mapping[str, int]] = dict) -> None:
         """Recover the spool and resume uploads of what the previous run left: its sealed blobs, then
-        what its write-ahead log holds beyond them (acknowledged, never sealed). ``seed_seqs``: per disk,
-        what its seed holds (applied) — no disk resumes below it (:meth:`_raise_watermarks`)."""
+        what its write-ahead log holds beyond them (acknowledged, never sealed). ``seed_seqs()``: per disk,
+        what its seed holds (applied); no disk resumes below it, nor below its blobs in the cache store
+        (:meth:`_raise_watermarks`), and nothing may apply or delete blobs until this returns."""
         started = time.monotonic()
         removed = await self.store.remove_temporaries()
         if removed:
             log.warning("cache store: removed %d temporary name(s) an earlier run left (a crash mid-copy)", removed)
-        await self._raise_watermarks(seed_seqs or {})
+        past_gaps = await self._raise_watermarks(seed_seqs)
         leftovers = await asyncio.to_thread(self.spool.recover, self._keys)
         if leftovers:  # each one is authenticated whole: with a full spool this is what a start waits for
             log.info("spool: %d blob(s), %.0f MB, checked in %.1f s", len(leftovers),
@@ -338,7 +340,7 @@ class Pipeline:
                     await asyncio.to_thread(blob.path.unlink, True)
                     self.spool.used_bytes -= blob.size
                     continue
-                durable = blob.header.last_seq
+                durable = max(durable, blob.header.last_seq)
                 batch = Batch(disk, blob.header.first_seq, last_seq=blob.header.last_seq, sealed=True,
                               path=blob.path, size=blob.size, last_source_us=blob.header.last_source_us,
                               created_us=blob.header.created_us)
@@ -352,6 +354,7 @@ class Pipeline:
         sections = await asyncio.to_thread(self.wal.replay, self._keys, spooled)
         self.spool.used_bytes += self.wal.size_bytes
         self._replay(sections)
+        await self._resume_past_gaps(past_gaps)
         self._committer = GroupCommitter(self.wal, asyncio.get_running_loop(), self._committed, self._log_failed,
                                          retry_delays=self.config.upload.retry_delays)
         self._uploaders = [asyncio.create_task(self._upload_worker(), name=f"upload-{i}")
@@ -372,30 +375,69 @@ class Pipeline:
             stream.note_applied(self._applied[info.disk])
         return stream
 
-    async def _raise_watermarks(self, seed_seqs: Mapping[str, int]) -> None:
-        """No disk resumes below what its seed or the cache store holds: its upload watermark is raised to
-        that, and saved, before anything resumes from it. After a crash this is what the watermark's last
-        save missed. After a lost spool or watermark file (or one restored from an older copy) it is what
-        this server no longer holds: resumed lower, an agent that lost nothing would be told to resync, a
-        resync numbered from there taken by the applier for what it holds already and skipped, and what the
-        log still holds past it dropped as following a hole (and replayed over the new numbering later)."""
-        held = dict(seed_seqs)
+    async def _raise_watermarks(self, seed_seqs: Callable[[], Mapping[str, int]]) -> dict[str, int]:
+        """No disk resumes below what its seed holds, nor below its blobs in the cache store that follow on
+        from there: its upload watermark is raised to that, and saved, before the spool and the log resume
+        from it. After a crash this is what the watermark's last save missed. After a lost spool or
+        watermark file (or one restored from an older copy) it is what this server no longer holds: resumed
+        lower, an agent that lost nothing would be told to resync, a resync numbered from there taken by the
+        applier for what it holds already, and skipped, and what the log still holds past it dropped as
+        following a hole. Returns, per disk with blobs in the store past a gap, the last sequence they hold:
+        uploads finish in any order, so the spool or the log may fill the gap (:meth:`_resume_past_gaps`)."""
         try:
             names = await self.store.list_blobs()
         except StoreError as exc:  # not a reason to refuse agents: the spool is there to ride out a store outage
             log.warning("cannot list the cache store as the server starts (%s): a disk whose spool or upload "
                         "watermark was lost resumes after what its seed holds, not its blobs in the store", exc)
             names = []
+        seeds = seed_seqs()  # after the listing: an applier run apart deletes a blob only once its seed holds it
+        stored: dict[str, list[tuple[int, int]]] = {}
         for name in names:
             if (parsed := parse_blob_name(name)) is not None:
-                disk, _, last = parsed
-                held[disk] = max(held.get(disk, 0), last)
-        raised = {disk: seq for disk, seq in held.items() if seq > self.watermarks.seqs.get(disk, 0)}
-        if not raised:
-            return
-        for disk, seq in sorted(raised.items()):
-            log.info("disk %r: its seed or the cache store holds sequences up to %d, beyond its upload watermark "
-                     "(%d): it resumes there or later", disk, seq, self.watermarks.seqs.get(disk, 0))
+                stored.setdefault(parsed[0], []).append((parsed[1], parsed[2]))
+        raised: dict[str, int] = {}
+        past_gaps: dict[str, int] = {}
+        for disk in seeds.keys() | stored.keys():
+            held = watermark = self.watermarks.seqs.get(disk, 0)
+            held = max(held, seeds.get(disk, 0))
+            for first, last in sorted(stored.get(disk, [])):
+                if first > held + 1:
+                    past_gaps[disk] = max(last for _, last in stored[disk])
+                    break
+                held = max(held, last)
+            if held > watermark:
+                raised[disk] = held
+                log.info("disk %r: its seed and the cache store hold sequences up to %d, beyond its upload "
+                         "watermark (%d): it resumes there or later", disk, held, watermark)
+        if raised:
+            await self._save_raised(raised)
+        return past_gaps
+
+    async def _resume_past_gaps(self, past_gaps: dict[str, int]) -> None:
+        """Blobs in the cache store past a gap that neither the spool nor the log filled: what the gap held is
+        lost (a lost spool, after later uploads had finished first). The disk resumes after them all the same,
+        so that no new write is numbered over them (the applier would take theirs and skip the new ones); the
+        applier waits at the gap, and the disk needs a fresh seed (docs/operations.md)."""
+        raised: dict[str, int] = {}
+        for disk, last in sorted(past_gaps.items()):
+            stream = self.streams.get(disk)
+            durable = stream.durable_seq if stream is not None else self.watermarks.seqs.get(disk, 0)
+            if durable >= last:
+                continue
+            log.error("disk %r: the cache store holds blobs of it up to sequence %d past sequence %d, which neither "
+                      "the spool nor the write-ahead log holds: sequences %d and on are lost. It resumes after %d, "
+                      "so that no new write is numbered over those blobs; its applier waits at the gap: the disk "
+                      "needs a fresh seed (docs/operations.md)", disk, last, durable + 1, durable + 1, last)
+            if stream is not None:
+                stream.accepted_seq = stream.durable_seq = last
+                if stream.batches():  # the watermark follows their uploads: raised now, a restart would drop them
+                    continue
+                stream.uploaded_seq = last
+            raised[disk] = last
+        if raised:
+            await self._save_raised(raised)
+
+    async def _save_raised(self, raised: dict[str, int]) -> None:
         self.watermarks.seqs.update(raised)
         await asyncio.to_thread(self.watermarks.save, dict(self.watermarks.seqs))
         self._saved_watermarks = dict(self.watermarks.seqs)

@@ -115,6 +115,13 @@ class ProcessServer:
         return cert, key
 
     async def start(self) -> ConnectInfo:
+        try:
+            return await self._start()
+        except BaseException:  # an embedding program's `async with` does not close what never finished starting
+            await self.close()
+            raise
+
+    async def _start(self) -> ConnectInfo:
         cfg = self.config
         cfg.server.data_dir.mkdir(parents=True, exist_ok=True)
         keys = load_keyring(cfg, create=cfg.keys.key_file is None)
@@ -128,7 +135,9 @@ class ProcessServer:
         self.store = open_store(cfg, keys.lookup)
         watermarks = UploadWatermarks(cfg.state_dir / "uploaded.json")
         self.pipeline = Pipeline(cfg, Sealer(keys.current), spool, self.store, watermarks, keys=keys.lookup)
-        # the applier first: what its seeds hold is where the disks resume at the least (Pipeline.start)
+        # The applier opens its seeds first, for what they hold is where the disks resume at the least
+        # (Pipeline.start), and applies nothing until the pipeline has started: applied and deleted meanwhile,
+        # a blob would be in neither the seed's sequence read before nor the store's listing read after.
         if self.run_applier and cfg.applier.process:
             self.pipeline.track_applied = True  # so this server's monitor knows the whole recoverable lag
             self.applier_process = ApplierProcess(cfg, on_applied=self.pipeline.note_applied,
@@ -136,13 +145,15 @@ class ProcessServer:
             await self.applier_process.start()
         elif self.run_applier:
             self._applier_service = ApplierService(cfg, "blockferry serve", store=self.store, control_plane=False)
-            await self._applier_service.start()
+            await self._applier_service.start(run=False)
             self.applier = self._applier_service.applier
-        await self.pipeline.start(list(disks), self._seed_seqs())
+        await self.pipeline.start(list(disks), self._seed_seqs)
         if self.applier_process is not None:
             self.pipeline.stored_listeners.append(self.applier_process.notify)
-        elif self.applier is not None:
+            self.applier_process.notify()  # its first wake-up starts it
+        elif self._applier_service is not None and self.applier is not None:
             self.pipeline.stored_listeners.append(self.applier.notify)
+            self._applier_service.run()
         self._ctx = IngestContext(self.pipeline, agents, disks, self._is_committed, server_name=cfg.server.name,
                                   max_frame=int(cfg.server.max_frame_bytes),
                                   read_buffer=int(cfg.server.read_buffer_bytes),
@@ -193,8 +204,9 @@ class ProcessServer:
         return self.applier_process.applied.get(disk, 0) if self.applier_process is not None else 0
 
     def _seed_seqs(self) -> dict[str, int]:
-        """What each seed holds (applied), from the applier this server runs or, run apart (``blockferry
-        apply``), from the local seeds' state files; an Azure seed's applier run apart is not asked."""
+        """What each seed holds (applied), from the applier this server runs (held back until the pipeline
+        has started) or, run apart (``blockferry apply``), from the local seeds' state files, read after the
+        store was listed; an Azure seed's applier run apart is not asked."""
         if self.applier is not None:
             return {disk: d.state.applied_seq for disk, d in self.applier.disks.items()}
         if self.applier_process is not None:

@@ -23,6 +23,8 @@ from support import (
 from engine.agent import AgentError
 from engine.config import Config
 from engine.server import ProcessServer
+from engine.store import LocalStore
+from engine.store.base import StoreError
 from engine.workload import ContentPool
 
 MiB = 1024 * 1024
@@ -136,14 +138,15 @@ HELD_BACK = {"policy": {"crash_point_interval_ms": 60_000},  # the applier: one 
              "batch": {"linger_ms": 60_000}}  # a write stays in the log until the pipeline is drained
 
 
-async def _restarted_without(server: ProcessServer, config: Config, *, spool: bool,
+async def _restarted_without(server: ProcessServer, config: Config, *, spool: bool, keep_watermarks: bool = False,
                              run_applier: bool = True) -> ProcessServer:
     """The server comes back without its upload watermarks and (``spool``) its spool's disk, with the
-    write-ahead log; the seed and the cache store remain."""
+    write-ahead log; the seed and the cache store remain. (It stops as a kill would: nothing is drained.)"""
     await server.close()
     if spool:
         shutil.rmtree(config.spool_dir)
-    (config.state_dir / "uploaded.json").unlink(missing_ok=True)
+    if not keep_watermarks:
+        (config.state_dir / "uploaded.json").unlink(missing_ok=True)
     server = ProcessServer(config, run_applier=run_applier)
     await server.start()
     return server
@@ -240,3 +243,76 @@ async def test_a_server_resumes_a_disk_after_what_the_cache_store_or_its_log_sti
     for seq in range(2, 5):
         expected[MiB // 2 + 4096 * seq:MiB // 2 + 4096 * (seq + 1)] = bytes([seq]) * 4096
     assert await _seed_after_applying_everything(config) == expected
+
+
+@pytest.mark.parametrize("spool", ["kept", "lost"])
+async def test_a_blob_stored_ahead_of_an_earlier_one_leaves_the_earlier_one_to_the_spool(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, spool: str) -> None:
+    """Uploads finish in any order: blob 3 reached the cache store while blob 2 was still being retried when the
+    server stopped. The restart resumes after the run the seed and the store hold without a gap (write 1), so
+    the spool's blobs 2 and 3 follow on and are stored again; taken up to blob 3, blob 2 would have been dropped
+    from the spool as uploaded and its records skipped in the log, and the applier would wait for it for ever.
+    With the spool lost too, write 2 is lost: said, and no new write is numbered over blob 3."""
+    data = tmp_path / "data"
+    config = make_config(data, batch={"linger_ms": 1})
+    server = ProcessServer(config, run_applier=False)
+    await server.start()
+    config = make_config(data, server={"port": server.connect_info.port}, batch={"linger_ms": 1})
+    put_files = server.store.put_files
+
+    async def refusing_blob_2(items: list[tuple[str, Path]]) -> None:
+        if any(name.startswith("d/00000000000000000002-") for name, _ in items):
+            raise StoreError("the store is busy (refused for now)", transient=True)
+        await put_files(items)
+
+    async with agent_for(data, config.server.port, reconnect_max_s=0.2) as agent:
+        disk = await agent.open_disk("d", 1 * MiB)
+        await (await disk.write(0, b"\x01" * 4096))
+        await server.pipeline.drain()
+        server.store.put_files = refusing_blob_2  # type: ignore[method-assign]
+        await (await disk.write(4096, b"\x02" * 4096))
+        await wait_for(lambda: server.pipeline.stats.upload_errors > 0, "blob 2 refused")
+        await (await disk.write(8192, b"\x03" * 4096))
+        await wait_for(lambda: any(p.name.startswith("00000000000000000003-") for p in (config.store_dir / "d").iterdir()),
+                       "blob 3 stored")
+        server = await _restarted_without(server, config, spool=spool == "lost", keep_watermarks=True)
+        assert server.pipeline.streams["d"].durable_seq == 3
+    await server.close()
+    if spool == "kept":
+        assert (await _seed_after_applying_everything(config))[:3 * 4096] == \
+            b"\x01" * 4096 + b"\x02" * 4096 + b"\x03" * 4096
+    else:
+        assert "blobs of it up to sequence 3 past sequence 2" in caplog.text
+        assert "sequences 2 and on are lost" in caplog.text
+
+
+@pytest.mark.parametrize("process", [False, True], ids=["in-process", "applier-process"])
+async def test_serve_applies_nothing_before_it_knows_where_each_disk_resumes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, process: bool) -> None:
+    """The spool was lost; the seed holds write 1, the store writes 2-3. Had the applier applied and deleted
+    them while the server started (here: a store slow to clean up), they would be in neither the seed's
+    sequence it read first nor the store's listing after: the disk would resume after 1, below its seed."""
+    data = tmp_path / "data"
+    server = ProcessServer(make_config(data, **HELD_BACK, applier={"process": process}))
+    await server.start()
+    config = make_config(data, server={"port": server.connect_info.port}, **HELD_BACK, applier={"process": process})
+    async with agent_for(data, config.server.port, reconnect_max_s=0.2) as agent:
+        disk = await agent.open_disk("d", 1 * MiB)
+        await (await disk.write(0, b"\x01" * 4096))
+        await server.pipeline.drain()
+        await wait_for(lambda: server.applied_seq("d") == 1, "write 1 applied")
+        for seq in range(2, 4):
+            await (await disk.write(4096 * seq, bytes([seq]) * 4096))
+        await server.pipeline.drain()
+    remove_temporaries = LocalStore.remove_temporaries
+
+    async def slow(self: LocalStore) -> int:
+        await asyncio.sleep(0.5)
+        return await remove_temporaries(self)
+
+    monkeypatch.setattr(LocalStore, "remove_temporaries", slow)
+    server = await _restarted_without(server, config, spool=True)
+    try:
+        assert server.pipeline.streams["d"].durable_seq == 3
+    finally:
+        await server.close()
