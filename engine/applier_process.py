@@ -72,6 +72,7 @@ class ApplierProcess:
         self.committed: set[str] = set()  # disks whose failover was committed: replication has stopped
         self.applied: dict[str, int] = {}  # disk → applied sequence, as last reported (streams or not)
         self.restarts = 0
+        self._released = False  # the server let it apply (release): a restarted child is woken to, too
         self.pid: int | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
@@ -82,6 +83,12 @@ class ApplierProcess:
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._supervise(ready), name="applier-process")
         await ready
+
+    def release(self) -> None:
+        """Let the child apply: it opens its seeds and reports what they hold, but applies nothing until the
+        server knows where each disk resumes (Pipeline.start); its first wake-up is the signal."""
+        self._released = True
+        self.notify()
 
     def notify(self) -> None:
         """New blobs are in the cache store: wake the child now instead of at its next poll."""
@@ -170,7 +177,7 @@ class ApplierProcess:
         if "ready" in message:
             if not ready.done():
                 ready.set_result(None)
-            else:  # a restarted child waits for a wake-up before it applies: the server's start gave the first
+            elif self._released:  # a restarted child waits for a wake-up before it applies, as the first did
                 self.notify()
         elif "applied" in message:
             self.applied[message["disk"]] = message["applied"]

@@ -168,6 +168,7 @@ class DiskStream:
         self._stored_at_start = durable_seq
         self.apply_failure: str | None = None
         self.log_failure: str | None = None  # a blob of it cannot be made: stopped (Pipeline._stop_disk)
+        self.resumed_past = 0  # a start resumed it after store blobs past a lost gap (Pipeline._resume_past_gaps)
 
     def note_applied(self, seq: int) -> None:
         if seq > (self.applied_seq or 0):
@@ -298,11 +299,11 @@ class Pipeline:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self, disks: list[DiskInfo],
-                    seed_seqs: Callable[[], Mapping[str, int]] = dict) -> None:
+                    seed_seqs: Callable[[], Mapping[str, int] | None] = dict) -> None:
         """Recover the spool and resume uploads of what the previous run left: its sealed blobs, then
         what its write-ahead log holds beyond them (acknowledged, never sealed). ``seed_seqs()``: per disk,
-        what its seed holds (applied); no disk resumes below it, nor below its blobs in the cache store
-        (:meth:`_raise_watermarks`), and nothing may apply or delete blobs until this returns."""
+        what its seed holds (applied; None: not known); no disk resumes below it, nor below its blobs in the
+        cache store (:meth:`_raise_watermarks`), and nothing may apply or delete blobs until this returns."""
         started = time.monotonic()
         removed = await self.store.remove_temporaries()
         if removed:
@@ -353,7 +354,7 @@ class Pipeline:
         spooled = {**self.watermarks.seqs, **{disk: stream.accepted_seq for disk, stream in self.streams.items()}}
         sections = await asyncio.to_thread(self.wal.replay, self._keys, spooled)
         self.spool.used_bytes += self.wal.size_bytes
-        self._replay(sections)
+        self._replay(sections, {disk: blobs[-1][1] for disk, blobs in past_gaps.items()})
         await self._resume_past_gaps(past_gaps)
         self._committer = GroupCommitter(self.wal, asyncio.get_running_loop(), self._committed, self._log_failed,
                                          retry_delays=self.config.upload.retry_delays)
@@ -375,14 +376,15 @@ class Pipeline:
             stream.note_applied(self._applied[info.disk])
         return stream
 
-    async def _raise_watermarks(self, seed_seqs: Callable[[], Mapping[str, int]]) -> dict[str, int]:
+    async def _raise_watermarks(self, seed_seqs: Callable[[], Mapping[str, int] | None]
+                                ) -> dict[str, list[tuple[int, int]]]:
         """No disk resumes below what its seed holds, nor below its blobs in the cache store that follow on
         from there: its upload watermark is raised to that, and saved, before the spool and the log resume
         from it. After a crash this is what the watermark's last save missed. After a lost spool or
         watermark file (or one restored from an older copy) it is what this server no longer holds: resumed
         lower, an agent that lost nothing would be told to resync, a resync numbered from there taken by the
         applier for what it holds already, and skipped, and what the log still holds past it dropped as
-        following a hole. Returns, per disk with blobs in the store past a gap, the last sequence they hold:
+        following a hole. Returns, per disk, its blobs in the store past a gap, (first, last) in order:
         uploads finish in any order, so the spool or the log may fill the gap (:meth:`_resume_past_gaps`)."""
         try:
             names = await self.store.list_blobs()
@@ -396,13 +398,16 @@ class Pipeline:
             if (parsed := parse_blob_name(name)) is not None:
                 stored.setdefault(parsed[0], []).append((parsed[1], parsed[2]))
         raised: dict[str, int] = {}
-        past_gaps: dict[str, int] = {}
-        for disk in seeds.keys() | stored.keys():
+        past_gaps: dict[str, list[tuple[int, int]]] = {}
+        for disk in (seeds or {}).keys() | stored.keys():
+            blobs = sorted(stored.get(disk, []))
             held = watermark = self.watermarks.seqs.get(disk, 0)
-            held = max(held, seeds.get(disk, 0))
-            for first, last in sorted(stored.get(disk, [])):
+            # a seed not known here (an Azure seed's applier run apart) holds, at the least, what precedes the
+            # store's blobs: it deletes none before applying it
+            held = max(held, seeds.get(disk, 0) if seeds is not None else (blobs[0][0] - 1 if blobs else 0))
+            for at, (first, last) in enumerate(blobs):
                 if first > held + 1:
-                    past_gaps[disk] = max(last for _, last in stored[disk])
+                    past_gaps[disk] = blobs[at:]
                     break
                 held = max(held, last)
             if held > watermark:
@@ -413,27 +418,35 @@ class Pipeline:
             await self._save_raised(raised)
         return past_gaps
 
-    async def _resume_past_gaps(self, past_gaps: dict[str, int]) -> None:
+    async def _resume_past_gaps(self, past_gaps: dict[str, list[tuple[int, int]]]) -> None:
         """Blobs in the cache store past a gap that neither the spool nor the log filled: what the gap held is
         lost (a lost spool, after later uploads had finished first). The disk resumes after them all the same,
         so that no new write is numbered over them (the applier would take theirs and skip the new ones); the
-        applier waits at the gap, and the disk needs a fresh seed (docs/operations.md)."""
+        applier waits at the gap, and the disk needs a fresh seed (docs/operations.md). The log's replay at a
+        later start takes the same jump (:meth:`_replay`)."""
         raised: dict[str, int] = {}
-        for disk, last in sorted(past_gaps.items()):
+        for disk, blobs in sorted(past_gaps.items()):
             stream = self.streams.get(disk)
-            durable = stream.durable_seq if stream is not None else self.watermarks.seqs.get(disk, 0)
-            if durable >= last:
+            durable = held = stream.durable_seq if stream is not None else self.watermarks.seqs.get(disk, 0)
+            lost = []
+            for first, last in blobs:
+                if first > held + 1:
+                    lost.append(f"{held + 1}-{first - 1}")
+                held = max(held, last)
+            if held <= durable:
                 continue
-            log.error("disk %r: the cache store holds blobs of it up to sequence %d past sequence %d, which neither "
-                      "the spool nor the write-ahead log holds: sequences %d and on are lost. It resumes after %d, "
-                      "so that no new write is numbered over those blobs; its applier waits at the gap: the disk "
-                      "needs a fresh seed (docs/operations.md)", disk, last, durable + 1, durable + 1, last)
+            if lost:
+                log.error("disk %r: sequences %s are in neither the cache store, the spool nor the write-ahead log "
+                          "(lost), but the store holds blobs after them up to %d. It resumes after %d, so that no "
+                          "new write is numbered over those blobs; its applier waits at the gap: the disk needs a "
+                          "fresh seed (docs/operations.md)", disk, ", ".join(lost), held, held)
             if stream is not None:
-                stream.accepted_seq = stream.durable_seq = last
-                if stream.batches():  # the watermark follows their uploads: raised now, a restart would drop them
+                stream.accepted_seq = stream.durable_seq = held
+                stream.resumed_past = held
+                if stream.batches():  # uploaded_seq follows their uploads, then jumps (_advance_uploaded)
                     continue
-                stream.uploaded_seq = last
-            raised[disk] = last
+                stream.uploaded_seq = held
+            raised[disk] = held
         if raised:
             await self._save_raised(raised)
 
@@ -455,9 +468,11 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001 - a spawned task: whatever it is, say so now, not at GC
             log.warning("disk %r: cannot prepare its directories yet: %s", disk, exc)
 
-    def _replay(self, sections: list[WalSection]) -> None:
+    def _replay(self, sections: list[WalSection], jumps: dict[str, int]) -> None:
         """Batch again what the log holds beyond the spooled blobs: acknowledged before the restart, so
-        durable now, and sealed and uploaded like anything else (its log segments stay until then)."""
+        durable now, and sealed and uploaded like anything else (its log segments stay until then).
+        ``jumps``: per disk, the last sequence of its store blobs past a lost gap, after which an earlier
+        start may have resumed it (:meth:`_resume_past_gaps`): the log may continue there."""
         replayed: Counter[str] = Counter()
         broken: set[str] = set()  # disks whose log has a hole: nothing after it counts
         for section in sections:
@@ -469,6 +484,9 @@ class Pipeline:
             for record in iter_records(section.records, section.blob_header(), name="(write-ahead log)"):
                 if record.seq <= stream.accepted_seq:
                     continue
+                if record.seq == jumps.get(section.disk, -1) + 1 > stream.accepted_seq + 1:
+                    # an earlier start resumed the disk after store blobs past a lost gap (_resume_past_gaps)
+                    stream.accepted_seq = record.seq - 1
                 if record.seq != stream.accepted_seq + 1:  # chunks are appended in order: only damage does this
                     log.error("write-ahead log: disk %r continues at sequence %d after %d; the rest of its log "
                               "is dropped, and its agent, told to resume after %d, stops if it was acknowledged "
@@ -548,6 +566,9 @@ class Pipeline:
 
     def _batch_for(self, stream: DiskStream, seq: int) -> Batch:
         batch = stream.open_batch
+        if batch is not None and seq != batch.last_seq + 1:  # its records follow on: not across a lost gap
+            self._cut(stream)
+            batch = None
         if batch is None:
             batch = stream.open_batch = Batch(stream.info.disk, seq)
             # decided once: a batch refers to the log from its first record on, or not at all
@@ -875,6 +896,9 @@ class Pipeline:
                 done.append(stream.uploading.popleft())
             if done:
                 stream.uploaded_seq = max(stream.uploaded_seq, done[-1].last_seq)
+                if stream.resumed_past > stream.uploaded_seq and all(b.first_seq > stream.resumed_past
+                                                                     for b in stream.batches()):
+                    stream.uploaded_seq = stream.resumed_past  # what preceded the lost gap is stored now
                 if self.track_applied:  # unless the applier was quicker than this bookkeeping
                     stream.unapplied.extend((b.last_seq, b.created_us) for b in done
                                             if stream.applied_seq is None or b.last_seq > stream.applied_seq)

@@ -150,7 +150,7 @@ class ProcessServer:
         await self.pipeline.start(list(disks), self._seed_seqs)
         if self.applier_process is not None:
             self.pipeline.stored_listeners.append(self.applier_process.notify)
-            self.applier_process.notify()  # its first wake-up starts it
+            self.applier_process.release()
         elif self._applier_service is not None and self.applier is not None:
             self.pipeline.stored_listeners.append(self.applier.notify)
             self._applier_service.run()
@@ -203,14 +203,16 @@ class ProcessServer:
             return self.applier.applied_seq(disk)
         return self.applier_process.applied.get(disk, 0) if self.applier_process is not None else 0
 
-    def _seed_seqs(self) -> dict[str, int]:
+    def _seed_seqs(self) -> dict[str, int] | None:
         """What each seed holds (applied), from the applier this server runs (held back until the pipeline
         has started) or, run apart (``blockferry apply``), from the local seeds' state files, read after the
-        store was listed; an Azure seed's applier run apart is not asked."""
+        store was listed. None: not known (an Azure seed's applier run apart)."""
         if self.applier is not None:
             return {disk: d.state.applied_seq for disk, d in self.applier.disks.items()}
         if self.applier_process is not None:
             return dict(self.applier_process.applied)
+        if self.config.applier.volume != "local":
+            return None
         names = {path.name.removesuffix(LEGACY_SUFFIX).removesuffix(STATE_SUFFIX)
                  for pattern in ("*" + STATE_SUFFIX, "*" + LEGACY_SUFFIX) for path in self.config.seed_dir.glob(pattern)}
         return {disk: int(state.get("applied_seq", 0)) for disk in names
