@@ -41,6 +41,7 @@ from protocol.logblob import (
     iter_records,
     key_id_of,
     open_blob,
+    parse_blob_name,
     write_record_header,
 )
 from protocol.wal import (
@@ -980,3 +981,40 @@ async def test_a_seal_cancelled_at_close_does_not_lend_out_the_buffer_being_writ
     for path in blobs:
         header = BlobHeader.unpack(path.read_bytes(), name=path.name)
         assert f"d/{path.name}" == blob_name("d", header.first_seq, header.last_seq), "a blob's name is its content"
+
+
+async def test_a_disk_resumed_past_a_lost_gap_keeps_its_blobs_from_spanning_it_and_its_log_from_dropping_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The store holds blob 1 and, past a gap, blob 4 (write 3 is nowhere: a spool restored from an older
+    copy); the log holds write 2, still in an open batch. The start resumes the disk after 4 and says what
+    is lost. Write 5 must not join write 2's batch (a blob across the gap, which the applier refuses), and a
+    restart before anything more is stored must take write 5 from the log, not drop it as following a hole."""
+    held_open = {"batch": {"linger_ms": 60_000, "min_bytes_wait_ms": 60_000}}
+    elsewhere = make_config(tmp_path / "elsewhere", **held_open)
+    async with running_pipeline(elsewhere) as pipeline:
+        for seq in range(1, 5):
+            assert pipeline.accept_write(pipeline.streams["d"], Write.make(1, seq, 0, bytes([seq]) * 4096, 0))
+            await pipeline.drain()
+        [blob_4] = [name for name in await pipeline.store.list_blobs() if parse_blob_name(name)[1] == 4]
+    config = make_config(tmp_path / "data", **held_open)
+    async with running_pipeline(config) as pipeline:
+        stream = pipeline.streams["d"]
+        assert pipeline.accept_write(stream, Write.make(1, 1, 0, b"\x01" * 4096, 0))
+        await pipeline.drain()
+        assert pipeline.accept_write(stream, Write.make(1, 2, 0, b"\x02" * 4096, 0))
+        await wait_for(lambda: pipeline.unlogged_records == 0, "write 2 logged (acknowledged)")
+    (config.store_dir / blob_4).write_bytes((elsewhere.store_dir / blob_4).read_bytes())
+    with caplog.at_level(logging.ERROR, logger="engine.pipeline"):
+        async with running_pipeline(config) as pipeline:
+            stream = pipeline.streams["d"]
+            assert stream.durable_seq == 4
+            assert pipeline.accept_write(stream, Write.make(1, 5, 0, b"\x05" * 4096, 0))
+            await wait_for(lambda: pipeline.unlogged_records == 0, "write 5 logged (acknowledged)")
+    assert "disk 'd': sequences 3-3 are in neither the cache store, the spool nor the write-ahead log (lost)" \
+        in caplog.text
+    async with running_pipeline(config) as pipeline:
+        assert pipeline.streams["d"].durable_seq == 5
+        await pipeline.drain()
+        stored = [parse_blob_name(name)[1:] for name in await pipeline.store.list_blobs()]
+    assert not [(first, last) for first, last in stored if first <= 3 <= last], stored
+    assert max(last for _, last in stored) == 5
