@@ -56,7 +56,7 @@ PolicyLookup = Callable[[str], PolicyConfig]
 
 
 class ApplierLocked(RuntimeError):
-    """Another applier owns this seed directory; two appliers would corrupt it."""
+    """Another applier owns this seed directory (or another server this data directory): two would corrupt it."""
 
 
 @dataclass(frozen=True)
@@ -534,9 +534,12 @@ class ApplierStats:
 class ApplierLock:
     """An exclusive lock on a seed directory (flock), held for the life of an applier."""
 
-    def __init__(self, seed_dir: Path) -> None:
-        seed_dir.mkdir(parents=True, exist_ok=True)
-        self.path = seed_dir / ".applier.lock"
+    FILE = ".applier.lock"
+    HOLDER = "applier"
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / self.FILE
         self._fd: int | None = None
 
     def acquire(self, info: str = "") -> None:
@@ -546,7 +549,7 @@ class ApplierLock:
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
             os.close(fd)
-            raise ApplierLocked(f"another applier is running on {self.path.parent} ({holder or 'unknown'})") \
+            raise ApplierLocked(f"another {self.HOLDER} is running on {self.path.parent} ({holder or 'unknown'})") \
                 from None
         self._fd = fd
         self.advertise(info or f"pid {os.getpid()}")
@@ -575,3 +578,11 @@ class ApplierLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+class ServerLock(ApplierLock):
+    """An exclusive lock on a server's data directory: two servers on one spool and log would corrupt both,
+    and a disk reset (engine/recovery/reset.py) must not run beside one."""
+
+    FILE = ".serve.lock"
+    HOLDER = "process server"

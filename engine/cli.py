@@ -299,6 +299,40 @@ def status(config_path: Path | None, as_json: bool) -> None:
         Console().print(render_status_table(healths))
 
 
+@main.group()
+def disk() -> None:
+    """Disk maintenance (with serve, its applier and the disk's agent stopped)."""
+
+
+@disk.command("reset")
+@click.option("--disk", "disk_id", required=True, help="Disk id.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config file.")
+@click.confirmation_option(prompt="Empty the disk's seed and release its recovery points?")
+def disk_reset(disk_id: str, config_path: Path | None) -> None:
+    """Empty a disk's seed for a full resync (after writes were lost on the server): its recovery points
+    are released, and serve resumes the disk after everything it and the cache store held of it."""
+    from engine.applier import ApplierLocked
+    from engine.recovery.reset import ResetError, ResetResult, reset_disk
+    from engine.server import load_keyring, open_store
+
+    config = _config(config_path)
+
+    async def run() -> ResetResult:
+        keys = load_keyring(config, create=False)
+        store = open_store(config, keys.lookup)
+        try:
+            return await reset_disk(config, store, keys, disk_id)
+        finally:
+            await store.close()
+
+    try:
+        result = run_loop(run())
+    except (ResetError, ApplierLocked, KeyFileError) as exc:
+        raise click.ClickException(str(exc)) from None
+    console.print(f"disk {disk_id}: seed emptied, {result.released_points} recovery points released; serve "
+                  f"resumes it after sequence {result.applied_seq}: start serve, then the disk's agent")
+
+
 # ---------------------------------------------------------------- config and tools
 
 @main.group()

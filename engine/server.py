@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from engine.applier import Applier
+from engine.applier import Applier, ServerLock
 from engine.applier_process import ApplierProcess
 from engine.applier_service import ApplierService
 from engine.auth import AgentRegistry, ensure_default_agent
@@ -87,6 +88,7 @@ class ProcessServer:
         """
         self.config = config
         self.run_applier = config.applier.enabled if run_applier is None else run_applier
+        self._lock = ServerLock(config.server.data_dir)
         self.applier_process: ApplierProcess | None = None
         self.run_control_plane = control_plane
         self.pipeline: Pipeline | None = None
@@ -123,7 +125,7 @@ class ProcessServer:
 
     async def _start(self) -> ConnectInfo:
         cfg = self.config
-        cfg.server.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire(f"pid {os.getpid()} (blockferry serve)")
         keys = load_keyring(cfg, create=cfg.keys.key_file is None)
         cert, tls_key = self._tls_paths()
         generated_token = cfg.server.agents_file is None and not cfg.agents_file.exists()
@@ -258,6 +260,7 @@ class ProcessServer:
             await self._applier_service.close()
         if self.store is not None:
             await self.store.close()
+        self._lock.release()
 
     async def __aenter__(self) -> Self:
         await self.start()

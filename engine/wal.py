@@ -66,6 +66,18 @@ def _next_chunk_from(data: bytes, start: int, keys: KeyLookup, path: Path,
     return -1, None
 
 
+def logged_seqs(directory: Path, keys: KeyLookup) -> dict[str, int]:
+    """Per disk, the highest sequence the log in ``directory`` holds: read only, for a tool beside a stopped
+    server (no sync, no clean-up, unlike :meth:`WriteAheadLog.replay`)."""
+    seqs: dict[str, int] = {}
+    for path in sorted(directory.glob("*" + SEGMENT_SUFFIX)):
+        _, floor = parse_segment_name(path)
+        for _, chunk in WriteAheadLog._chunks(path.read_bytes(), keys, path, floor):
+            for section in chunk.sections:
+                seqs[section.disk] = max(seqs.get(section.disk, 0), section.last_seq)
+    return seqs
+
+
 @dataclass
 class Segment:
     path: Path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -286,12 +287,24 @@ port = 0
                 and not list((data_dir / "cache").glob("*/*.bflog")))
 
     wait_until(applied, 60, "the applier to catch up", applier.proc, applier.log)
+    refused = run("disk", "reset", "--disk", "big", "--config", config, "--yes")
+    assert refused.returncode != 0 and "another applier is running" in refused.stderr, refused.stderr[-3000:]
     assert applier.interrupt() == 0, applier.log.read_text()[-3000:]
     assert "Traceback" not in applier.log.read_text()
     for disk, want in expected.items():
         image = (data_dir / "seed" / f"{disk}.img").read_bytes()
         assert len(image) == len(want) == -(-len(sources[disk]) // 512) * 512
         assert image == want, f"seed image of {disk} differs from the replicated file"
+
+    # a full resync's first step: the seed emptied, its points released, serve to resume after all it held
+    reset = run("disk", "reset", "--disk", "big", "--config", config, "--yes")
+    assert reset.returncode == 0, reset.stderr[-3000:]
+    assert re.search(r"disk big: seed emptied, \d+ recovery points released; serve resumes it after sequence \d+",
+                     " ".join(reset.stderr.split())), reset.stderr
+    assert (data_dir / "seed" / "big.img").read_bytes() == bytes(len(expected["big"]))
+    assert (data_dir / "seed" / "odd.img").read_bytes() == expected["odd"]
+    listed = run("points", "list", "--disk", "big", "--config", config, "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stdout + listed.stderr
 
 
 # ---------------------------------------------------------------- demo

@@ -21,8 +21,10 @@ from support import (
 )
 
 from engine.agent import AgentError
+from engine.applier import ApplierLocked
 from engine.config import Config
-from engine.server import ProcessServer
+from engine.recovery.reset import reset_disk
+from engine.server import ProcessServer, load_keyring
 from engine.store import LocalStore
 from engine.store.base import StoreError
 from engine.workload import ContentPool
@@ -288,6 +290,30 @@ async def test_a_blob_stored_ahead_of_an_earlier_one_leaves_the_earlier_one_to_t
     else:
         assert "disk 'd': sequences 2-2 are in neither the cache store, the spool nor the write-ahead log (lost), " \
                "but the store holds blobs after them up to 3" in caplog.text
+        await _reset_and_resync(config)
+
+
+async def _reset_and_resync(config: Config) -> None:
+    """The way out of a lost gap: the disk's seed emptied, its applied sequence set past everything held of it,
+    then a resync (here: two blocks) numbered after that fills it — not while serve runs."""
+    keys = load_keyring(config, create=False)
+    async with ProcessServer(config) as server:
+        with pytest.raises(ApplierLocked, match="another process server is running"):
+            await reset_disk(config, server.store, keys, "d")
+    result = await reset_disk(config, LocalStore(config.store_dir), keys, "d")
+    assert result.applied_seq == 4 and seed_state(config, "d")["applied_seq"] == 4
+    async with ProcessServer(config) as server:
+        assert server.applier is not None and server.applier.points("d") == []
+        async with agent_for(config.server.data_dir, config.server.port) as agent:
+            disk = await agent.open_disk("d", 1 * MiB)
+            assert disk.resumed_seq == 4
+            await (await disk.write(0, b"\x11" * 4096))
+            assert await (await disk.write(8192, b"\x13" * 4096)) == 6
+        await server.drain()
+        assert await server.store.list_blobs() == []
+    expected = bytearray(MiB)
+    expected[:4096], expected[8192:12288] = b"\x11" * 4096, b"\x13" * 4096
+    assert read_seed(config, "d") == expected
 
 
 @pytest.mark.parametrize("process", [False, True], ids=["in-process", "applier-process"])
