@@ -314,6 +314,8 @@ def disk_reset(disk_id: str, config_path: Path | None) -> None:
     from engine.applier import ApplierLocked
     from engine.recovery.reset import ResetError, ResetResult, reset_disk
     from engine.server import load_keyring, open_store
+    from engine.store.base import StoreError
+    from protocol import LogBlobError
 
     config = _config(config_path)
 
@@ -327,8 +329,8 @@ def disk_reset(disk_id: str, config_path: Path | None) -> None:
 
     try:
         result = run_loop(run())
-    except (ResetError, ApplierLocked, KeyFileError) as exc:
-        raise click.ClickException(str(exc)) from None
+    except (ResetError, ApplierLocked, KeyFileError, StoreError, LogBlobError, OSError) as exc:
+        raise click.ClickException(f"disk {disk_id}: not reset: {exc}") from None
     console.print(f"disk {disk_id}: seed emptied, {result.released_points} recovery points released; serve "
                   f"resumes it after sequence {result.applied_seq}: start serve, then the disk's agent")
 

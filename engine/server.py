@@ -240,27 +240,29 @@ class ProcessServer:
                 await asyncio.sleep(0.02)
 
     async def close(self) -> None:
-        if self.control is not None:
-            await self.control.close()
-        if self._server is not None:
-            self._server.close()
-            for conn in list(self._ctx.connections if self._ctx else []):
-                conn.close()
-            await self._server.wait_closed()
-        if self.applier is not None:
-            self.applier.stop()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.pipeline is not None:
-            await self.pipeline.close()
-        if self.applier_process is not None:
-            await self.applier_process.close()
-        if self._applier_service is not None:
-            await self._applier_service.close()
-        if self.store is not None:
-            await self.store.close()
-        self._lock.release()
+        try:
+            if self.control is not None:
+                await self.control.close()
+            if self._server is not None:
+                self._server.close()
+                for conn in list(self._ctx.connections if self._ctx else []):
+                    conn.close()
+                await self._server.wait_closed()
+            if self.applier is not None:
+                self.applier.stop()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self.pipeline is not None:
+                await self.pipeline.close()
+            if self.applier_process is not None:
+                await self.applier_process.close()
+            if self._applier_service is not None:
+                await self._applier_service.close()
+            if self.store is not None:
+                await self.store.close()
+        finally:  # whatever failed above, another server may start on this data directory
+            self._lock.release()
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -23,7 +23,7 @@ from support import (
 from engine.agent import AgentError
 from engine.applier import ApplierLocked
 from engine.config import Config
-from engine.recovery.reset import reset_disk
+from engine.recovery.reset import ResetError, reset_disk
 from engine.server import ProcessServer, load_keyring
 from engine.store import LocalStore
 from engine.store.base import StoreError
@@ -290,25 +290,58 @@ async def test_a_blob_stored_ahead_of_an_earlier_one_leaves_the_earlier_one_to_t
     else:
         assert "disk 'd': sequences 2-2 are in neither the cache store, the spool nor the write-ahead log (lost), " \
                "but the store holds blobs after them up to 3" in caplog.text
-        await _reset_and_resync(config)
+        await _reset_and_resync(config, 4)
 
 
-async def _reset_and_resync(config: Config) -> None:
-    """The way out of a lost gap: the disk's seed emptied, its applied sequence set past everything held of it,
-    then a resync (here: two blocks) numbered after that fills it — not while serve runs."""
+async def test_a_disk_whose_first_blob_was_lost_is_reset_from_no_seed_at_all(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Blob 1's upload was being retried when the spool was lost, blob 2 had been stored: nothing was ever
+    applied, so there is no seed state, and the disk registry gives the reset the disk's size. A mistyped disk
+    is refused, leaving nothing behind."""
+    data = tmp_path / "data"
+    server = ProcessServer(make_config(data, batch={"linger_ms": 1}), run_applier=False)
+    await server.start()
+    config = make_config(data, server={"port": server.connect_info.port}, batch={"linger_ms": 1})
+    put_files = server.store.put_files
+
+    async def refusing_blob_1(items: list[tuple[str, Path]]) -> None:
+        if any(name.startswith("d/00000000000000000001-") for name, _ in items):
+            raise StoreError("the store is busy (refused for now)", transient=True)
+        await put_files(items)
+
+    server.store.put_files = refusing_blob_1  # type: ignore[method-assign]
+    async with agent_for(data, config.server.port, reconnect_max_s=0.2) as agent:
+        disk = await agent.open_disk("d", 1 * MiB)
+        await (await disk.write(0, b"\x01" * 4096))
+        await wait_for(lambda: server.pipeline.stats.upload_errors > 0, "blob 1 refused")
+        await (await disk.write(4096, b"\x02" * 4096))
+        await wait_for(lambda: (config.store_dir / "d").is_dir() and any((config.store_dir / "d").iterdir()),
+                       "blob 2 stored")
+    server = await _restarted_without(server, config, spool=True, keep_watermarks=True)
+    await server.close()
+    assert "disk 'd': sequences 1-1 are in neither" in caplog.text
+    with pytest.raises(ResetError, match="'typo' has neither a seed"):
+        await reset_disk(config, LocalStore(config.store_dir), load_keyring(config, create=False), "typo")
+    assert not list(config.seed_dir.rglob("typo*"))
+    await _reset_and_resync(config, 2)
+
+
+async def _reset_and_resync(config: Config, base: int) -> None:
+    """The way out of a lost gap: the disk's seed emptied, its applied sequence set past everything held of it
+    (``base``), then a resync (here: two blocks) numbered after that fills it — not while serve runs."""
     keys = load_keyring(config, create=False)
     async with ProcessServer(config) as server:
         with pytest.raises(ApplierLocked, match="another process server is running"):
             await reset_disk(config, server.store, keys, "d")
     result = await reset_disk(config, LocalStore(config.store_dir), keys, "d")
-    assert result.applied_seq == 4 and seed_state(config, "d")["applied_seq"] == 4
+    assert result.applied_seq == base and seed_state(config, "d")["applied_seq"] == base
     async with ProcessServer(config) as server:
         assert server.applier is not None and server.applier.points("d") == []
         async with agent_for(config.server.data_dir, config.server.port) as agent:
             disk = await agent.open_disk("d", 1 * MiB)
-            assert disk.resumed_seq == 4
+            assert disk.resumed_seq == base
             await (await disk.write(0, b"\x11" * 4096))
-            assert await (await disk.write(8192, b"\x13" * 4096)) == 6
+            assert await (await disk.write(8192, b"\x13" * 4096)) == base + 2
         await server.drain()
         assert await server.store.list_blobs() == []
     expected = bytearray(MiB)

@@ -18,7 +18,9 @@ from pathlib import Path
 
 from engine.applier import ApplierLock, ServerLock
 from engine.config import Config
+from engine.disks import DiskRegistry
 from engine.keys import KeyRing
+from engine.recovery.state_file import read_state_record
 from engine.recovery.volume import LocalVolume, SeedState
 from engine.spool import UploadWatermarks
 from engine.store import CacheStore
@@ -56,11 +58,16 @@ async def reset_disk(config: Config, store: CacheStore, keys: KeyRing, disk: str
 
 
 async def _reset(config: Config, store: CacheStore, keys: KeyRing, disk: str) -> ResetResult:
+    record = read_state_record(config.seed_dir, disk)
+    if record is not None and record.get("committed_failover"):
+        raise ResetError(f"disk {disk!r} was failed over and the failover committed: its replication stopped for "
+                         "good, and a reset would start it again over the failed-over disk")
+    registered = DiskRegistry(config.state_dir / "disks").get(disk)
+    if record is None and registered is None:  # (a seed never applied to: the disk registry knows its size)
+        raise ResetError(f"disk {disk!r} has neither a seed in {config.seed_dir} nor a registration on this server")
     volume = LocalVolume(config.seed_dir, disk, fsync=True)
     try:
-        state = await volume.load_state()
-        if state is None:
-            raise ResetError(f"disk {disk!r} has no seed in {config.seed_dir}")
+        state = await volume.load_state() or SeedState(disk, registered.size if registered else 0)
         server_seq = await asyncio.to_thread(_server_seq, config, keys, disk)
         held = max(state.applied_seq, await _stored_seq(store, disk), server_seq)
         # points first: an entry left over an emptied image would roll a copy back into a wrong one; then the
