@@ -41,7 +41,8 @@ class ResetResult:
 
 async def reset_disk(config: Config, store: CacheStore, keys: KeyRing, disk: str) -> ResetResult:
     """Empty ``disk``'s seed (see the module's docstring); raises ApplierLocked while an applier or a server
-    runs on these directories, ResetError if the disk has no local seed."""
+    runs on these directories, ResetError if the disk cannot be reset here (not a local seed, not known, or its
+    failover committed)."""
     if config.applier.volume != "local":
         raise ResetError(f"disk {disk!r}: only a local seed can be reset here (applier.volume is "
                          f"{config.applier.volume!r})")
