@@ -988,7 +988,8 @@ async def test_a_disk_resumed_past_a_lost_gap_keeps_its_blobs_from_spanning_it_a
     """The store holds blob 1 and, past a gap, blob 4 (write 3 is nowhere: a spool restored from an older
     copy); the log holds write 2, still in an open batch. The start resumes the disk after 4 and says what
     is lost. Write 5 must not join write 2's batch (a blob across the gap, which the applier refuses), and a
-    restart before anything more is stored must take write 5 from the log, not drop it as following a hole."""
+    restart before anything more is stored (the watermark still below the gap) must take write 5 from the log
+    after the gap, not drop it as following a hole."""
     held_open = {"batch": {"linger_ms": 60_000, "min_bytes_wait_ms": 60_000}}
     elsewhere = make_config(tmp_path / "elsewhere", **held_open)
     async with running_pipeline(elsewhere) as pipeline:
@@ -1004,8 +1005,8 @@ async def test_a_disk_resumed_past_a_lost_gap_keeps_its_blobs_from_spanning_it_a
         assert pipeline.accept_write(stream, Write.make(1, 2, 0, b"\x02" * 4096, 0))
         await wait_for(lambda: pipeline.unlogged_records == 0, "write 2 logged (acknowledged)")
     (config.store_dir / blob_4).write_bytes((elsewhere.store_dir / blob_4).read_bytes())
-    with caplog.at_level(logging.ERROR, logger="engine.pipeline"):
-        async with running_pipeline(config) as pipeline:
+    with caplog.at_level(logging.ERROR, logger="engine.pipeline"):  # and nothing stored: the watermark stays at 1
+        async with running_pipeline(config, store=StoreDown(config.store_dir)) as pipeline:
             stream = pipeline.streams["d"]
             assert stream.durable_seq == 4
             assert pipeline.accept_write(stream, Write.make(1, 5, 0, b"\x05" * 4096, 0))
