@@ -49,7 +49,11 @@ FATAL_CODES = {ErrorCode.AUTH_FAILED, ErrorCode.UNSUPPORTED_VERSION, ErrorCode.D
                ErrorCode.DISK_MISMATCH, ErrorCode.OUT_OF_BOUNDS, ErrorCode.BAD_ALIGNMENT, ErrorCode.BAD_FRAME}
 
 
-SEND_BUFFER_HIGH = 4 * 1024 * 1024  # bytes queued in the transport before a writer waits
+# Bytes queued in the transport before a writer waits. uvloop's TLS transport goes on encrypting what is
+# queued into its outgoing buffer while the socket is full, then takes all of it out as one bytes object:
+# at 4 MiB that was fresh memory each time, and at 1000 agents the kernel zeroing those pages was 37 % of
+# the load generator's CPU (docs/benchmarks.md).
+SEND_BUFFER_HIGH = 256 * 1024
 YIELD_EVERY_BYTES = 1024 * 1024  # a writer that never waits yields to the loop this often (fairness between disks)
 
 
