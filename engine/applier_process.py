@@ -70,7 +70,6 @@ class ApplierProcess:
         http = config.http.model_copy(update={"port": config.applier.http_port})
         self._child_config = config.model_copy(update={"http": http})
         self.committed: set[str] = set()  # disks whose failover was committed: replication has stopped
-        self.applied: dict[str, int] = {}  # disk → applied sequence, as last reported (streams or not)
         self.restarts = 0
         self._released = False  # the server let it apply (release): a restarted child is woken to, too
         self.pid: int | None = None
@@ -180,7 +179,6 @@ class ApplierProcess:
             elif self._released:  # a restarted child waits for a wake-up before it applies, as the first did
                 self.notify()
         elif "applied" in message:
-            self.applied[message["disk"]] = message["applied"]
             self._on_applied(message["disk"], message["applied"])
         elif "committed" in message:
             self.committed.add(message["disk"])

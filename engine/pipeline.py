@@ -272,7 +272,7 @@ class Pipeline:
         self.flow_listeners: set[FlowListener] = set()
         self.stored_listeners: list[Callable[[], None]] = []
         self.track_applied = False  # keep DiskStream.unapplied (serve sets it when its applier is a child process)
-        self._applied: dict[str, int] = {}  # disk → applied sequence its applier process last reported
+        self.applied_seqs: dict[str, int] = {}  # disk → applied sequence its applier process last reported
         self.stats = PipelineStats()
         self._executor = ThreadPoolExecutor(config.seal_threads, thread_name_prefix="seal")
         self._spare_buffers = 2 * config.seal_threads  # sealed-blob buffers kept for reuse (per blob: no os calls)
@@ -372,8 +372,8 @@ class Pipeline:
 
     def _new_stream(self, info: DiskInfo) -> DiskStream:
         stream = self.streams[info.disk] = DiskStream(info, self.watermarks.seqs.get(info.disk, 0))
-        if info.disk in self._applied:  # reported before the stream was made (serve starts its applier first)
-            stream.note_applied(self._applied[info.disk])
+        if info.disk in self.applied_seqs:  # reported before the stream was made (serve starts its applier first)
+            stream.note_applied(self.applied_seqs[info.disk])
         return stream
 
     async def _raise_watermarks(self, seed_seqs: Callable[[], Mapping[str, int] | None]
@@ -957,7 +957,7 @@ class Pipeline:
                 if task.done() and not task.cancelled() and task.exception() is not None]
 
     def note_applied(self, disk: str, seq: int) -> None:
-        self._applied[disk] = seq
+        self.applied_seqs[disk] = seq
         stream = self.streams.get(disk)
         if stream is not None:
             stream.note_applied(seq)

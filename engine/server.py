@@ -203,7 +203,9 @@ class ProcessServer:
         """The disk's applied sequence as this server's applier (in-process or child) last reported it."""
         if self.applier is not None:
             return self.applier.applied_seq(disk)
-        return self.applier_process.applied.get(disk, 0) if self.applier_process is not None else 0
+        if self.applier_process is not None and self.pipeline is not None:  # the pipeline hears the child's reports
+            return self.pipeline.applied_seqs.get(disk, 0)
+        return 0
 
     def _seed_seqs(self) -> dict[str, int] | None:
         """What each seed holds (applied), from the applier this server runs (held back until the pipeline
@@ -212,7 +214,8 @@ class ProcessServer:
         if self.applier is not None:
             return {disk: d.state.applied_seq for disk, d in self.applier.disks.items()}
         if self.applier_process is not None:
-            return dict(self.applier_process.applied)
+            assert self.pipeline is not None  # called by its start
+            return dict(self.pipeline.applied_seqs)
         if self.config.applier.volume != "local":
             return None
         names = {path.name.removesuffix(LEGACY_SUFFIX).removesuffix(STATE_SUFFIX)
