@@ -140,6 +140,27 @@ HELD_BACK = {"policy": {"crash_point_interval_ms": 60_000},  # the applier: one 
              "batch": {"linger_ms": 60_000}}  # a write stays in the log until the pipeline is drained
 
 
+async def _started(data: Path, *, run_applier: bool = True, **sections: dict) -> tuple[ProcessServer, Config]:
+    """A started server on ``data``, and its config with the port it got: restarted on that config, it comes back
+    where the agent reconnects."""
+    server = ProcessServer(make_config(data, **sections), run_applier=run_applier)
+    await server.start()
+    assert server.connect_info is not None
+    return server, make_config(data, server={"port": server.connect_info.port}, **sections)
+
+
+def _refusing_blob(server: ProcessServer, first_seq: int) -> None:
+    """The cache store refuses disk d's blob that starts at ``first_seq`` (busy, for now) and takes the others."""
+    put_files = server.store.put_files  # type: ignore[union-attr]
+
+    async def refusing(items: list[tuple[str, Path]]) -> None:
+        if any(name.startswith(f"d/{first_seq:020d}-") for name, _ in items):
+            raise StoreError("the store is busy (refused for now)", transient=True)
+        await put_files(items)
+
+    server.store.put_files = refusing  # type: ignore[method-assign,union-attr]
+
+
 async def _restarted_without(server: ProcessServer, config: Config, *, spool: bool, keep_watermarks: bool = False,
                              run_applier: bool = True) -> ProcessServer:
     """The server comes back without its upload watermarks and (``spool``) its spool's disk, with the
@@ -165,9 +186,7 @@ async def test_an_agent_told_that_acknowledged_writes_were_lost_stops_and_says_s
     from its resume point would be refused as a gap, and the lost writes would never come back. The agent
     stops, naming the disk and the lost sequences, and what to do."""
     data = tmp_path / "data"
-    server = ProcessServer(make_config(data, **HELD_BACK))
-    await server.start()
-    config = make_config(data, server={"port": server.connect_info.port}, **HELD_BACK)
+    server, config = await _started(data, **HELD_BACK)
     async with agent_for(data, config.server.port, reconnect_max_s=0.2) as agent:
         disk = await agent.open_disk("d", 1 * MiB)
         await (await disk.write(0, b"\x01" * 4096))
@@ -195,9 +214,7 @@ async def test_a_server_that_lost_only_what_the_seed_holds_resumes_the_disk_afte
     server learns the seed's sequence from its applier, in-process or its child, or (with the applier run
     apart) from the seed's state file."""
     data = tmp_path / "data"
-    server = ProcessServer(make_config(data, applier={"process": applier == "process"}))
-    await server.start()
-    config = make_config(data, server={"port": server.connect_info.port}, applier={"process": applier == "process"})
+    server, config = await _started(data, applier={"process": applier == "process"})
     async with agent_for(data, config.server.port, reconnect_max_s=0.2) as agent:
         disk = await agent.open_disk("d", 1 * MiB)
         for seq in range(3):
@@ -221,9 +238,7 @@ async def test_a_server_resumes_a_disk_after_what_the_cache_store_or_its_log_sti
     agent goes on."""
     data = tmp_path / "data"
     small_log = {"spool": {"max_bytes": 2 * MiB}}  # segments of 256 KiB: write 1 fills one, released once applied
-    server = ProcessServer(make_config(data, **HELD_BACK, **small_log))
-    await server.start()
-    config = make_config(data, server={"port": server.connect_info.port}, **HELD_BACK, **small_log)
+    server, config = await _started(data, **HELD_BACK, **small_log)
     first = b"\x01" * (384 * 1024)
     async with agent_for(data, config.server.port, reconnect_max_s=0.2) as agent:
         disk = await agent.open_disk("d", 1 * MiB)
@@ -256,22 +271,13 @@ async def test_a_blob_stored_ahead_of_an_earlier_one_leaves_the_earlier_one_to_t
     from the spool as uploaded and its records skipped in the log, and the applier would wait for it for ever.
     With the spool lost too, write 2 is lost: said, and no new write is numbered over blob 3."""
     data = tmp_path / "data"
-    config = make_config(data, batch={"linger_ms": 1})
-    server = ProcessServer(config, run_applier=False)
-    await server.start()
-    config = make_config(data, server={"port": server.connect_info.port}, batch={"linger_ms": 1})
-    put_files = server.store.put_files
-
-    async def refusing_blob_2(items: list[tuple[str, Path]]) -> None:
-        if any(name.startswith("d/00000000000000000002-") for name, _ in items):
-            raise StoreError("the store is busy (refused for now)", transient=True)
-        await put_files(items)
+    server, config = await _started(data, run_applier=False, batch={"linger_ms": 1})
 
     async with agent_for(data, config.server.port, reconnect_max_s=0.2) as agent:
         disk = await agent.open_disk("d", 1 * MiB)
         await (await disk.write(0, b"\x01" * 4096))
         await server.pipeline.drain()
-        server.store.put_files = refusing_blob_2  # type: ignore[method-assign]
+        _refusing_blob(server, 2)
         await (await disk.write(4096, b"\x02" * 4096))
         await wait_for(lambda: server.pipeline.stats.upload_errors > 0, "blob 2 refused")
         await (await disk.write(8192, b"\x03" * 4096))
@@ -299,17 +305,8 @@ async def test_a_disk_whose_first_blob_was_lost_is_reset_from_no_seed_at_all(
     applied, so there is no seed state, and the disk registry gives the reset the disk's size. A mistyped disk
     is refused, leaving nothing behind."""
     data = tmp_path / "data"
-    server = ProcessServer(make_config(data, batch={"linger_ms": 1}), run_applier=False)
-    await server.start()
-    config = make_config(data, server={"port": server.connect_info.port}, batch={"linger_ms": 1})
-    put_files = server.store.put_files
-
-    async def refusing_blob_1(items: list[tuple[str, Path]]) -> None:
-        if any(name.startswith("d/00000000000000000001-") for name, _ in items):
-            raise StoreError("the store is busy (refused for now)", transient=True)
-        await put_files(items)
-
-    server.store.put_files = refusing_blob_1  # type: ignore[method-assign]
+    server, config = await _started(data, run_applier=False, batch={"linger_ms": 1})
+    _refusing_blob(server, 1)
     async with agent_for(data, config.server.port, reconnect_max_s=0.2) as agent:
         disk = await agent.open_disk("d", 1 * MiB)
         await (await disk.write(0, b"\x01" * 4096))
@@ -356,9 +353,7 @@ async def test_serve_applies_nothing_before_it_knows_where_each_disk_resumes(
     them while the server started (here: a store slow to clean up), they would be in neither the seed's
     sequence it read first nor the store's listing after: the disk would resume after 1, below its seed."""
     data = tmp_path / "data"
-    server = ProcessServer(make_config(data, **HELD_BACK, applier={"process": process}))
-    await server.start()
-    config = make_config(data, server={"port": server.connect_info.port}, **HELD_BACK, applier={"process": process})
+    server, config = await _started(data, **HELD_BACK, applier={"process": process})
     async with agent_for(data, config.server.port, reconnect_max_s=0.2) as agent:
         disk = await agent.open_disk("d", 1 * MiB)
         await (await disk.write(0, b"\x01" * 4096))

@@ -9,11 +9,12 @@ an in-memory model of the disk at that sequence.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -271,6 +272,37 @@ async def test_a_group_failing_after_its_undo_entry_is_rolled_back_before_it_is_
         await applier.close()
 
 
+FIRST = b"a" * 1024  # what blob 1 writes at offset 0 (:func:`_applied_blob_1`)
+
+
+@contextlib.asynccontextmanager
+async def _applied_blob_1(tmp_path: Path) -> AsyncIterator[tuple[Applier, Path]]:
+    """An applier on local directories that has applied blob 1 (``FIRST`` at offset 0); closed on exit."""
+    store_dir = tmp_path / "cache"
+    applier = _local_applier(store_dir, tmp_path / "seed")
+    _store_blob(store_dir, 1, 0, FIRST)
+    try:
+        assert await applier.apply_available(force=True) == 1
+        yield applier, store_dir
+    finally:
+        await applier.close()
+
+
+class HeldCopy:
+    """A failover's progress callback that holds the copy, once it has read the whole disk, until released."""
+
+    def __init__(self) -> None:
+        self.copied, self.resume = threading.Event(), threading.Event()
+
+    def __call__(self, done: int, total: int) -> None:  # in the copying thread
+        if done == total and not self.copied.is_set():
+            self.copied.set()
+            self.resume.wait(10)
+
+    async def reached(self) -> None:
+        assert await asyncio.to_thread(self.copied.wait, 10)
+
+
 @pytest.mark.parametrize("test", [True, False], ids=["test-failover", "failover"])
 async def test_a_disk_that_breaks_under_a_failover_copy_is_opened_again_only_once_the_copy_is_done(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, test: bool) -> None:
@@ -279,96 +311,67 @@ async def test_a_disk_that_breaks_under_a_failover_copy_is_opened_again_only_onc
     copied (and it closes the file the copy reads): under the copy, that would hand out point 1 with group
     2's writes in it. The applier waits for the copy instead. A failover (not a test) is then recorded in
     the disk opened again, not refused by the broken volume it copied."""
-    store_dir = tmp_path / "cache"
-    applier = _local_applier(store_dir, tmp_path / "seed")
-    first, second = b"a" * 1024, b"b" * 512
-    _store_blob(store_dir, 1, 0, first)
-    try:
-        assert await applier.apply_available(force=True) == 1
+    second = b"b" * 512
+    async with _applied_blob_1(tmp_path) as (applier, store_dir):
         _store_blob(store_dir, 2, 256, second)
         broken = applier.disks[DISK].volume
-        landed, fail, copied, resume = (threading.Event() for _ in range(4))
+        landed, fail, held = threading.Event(), threading.Event(), HeldCopy()
 
         def full_disk_once_copied(state: object) -> None:  # in the apply thread, after the group's writes
             landed.set()
             fail.wait(10)
             raise OSError(28, "No space left on device")
 
-        def hold_copy(done: int, total: int) -> None:  # in the copying thread
-            if done == total and not copied.is_set():
-                copied.set()
-                resume.wait(10)
-
         monkeypatch.setattr(broken, "_save_state", full_disk_once_copied)
         apply = asyncio.create_task(applier.apply_available(force=True))
         assert await asyncio.to_thread(landed.wait, 10)
         out = tmp_path / "p1.img"
-        copying = asyncio.create_task(failover(applier, DISK, "latest-processed", out, test=test, progress=hold_copy))
-        assert await asyncio.to_thread(copied.wait, 10)
+        copying = asyncio.create_task(failover(applier, DISK, "latest-processed", out, test=test, progress=held))
+        await held.reached()
         fail.set()
         while not apply.done() and "waiting for 1 failover(s) copying it" not in caplog.text:
             await asyncio.sleep(0.01)
-        resume.set()
+        held.resume.set()
         result = await copying
         assert await apply == 0
         assert (result.seq, result.rolled_back_entries) == (1, 1)
-        assert out.read_bytes() == first + bytes(SIZE - 1024), "the copy was handed out with group 2 in it"
+        assert out.read_bytes() == FIRST + bytes(SIZE - 1024), "the copy was handed out with group 2 in it"
         assert applier.disks[DISK].volume is not broken
         assert applier.applied_seq(DISK) == 1
         assert applier.disks[DISK].state.failover_seq == (None if test else 1)
         assert await applier.apply_available(force=True) == 1
         await failover(applier, DISK, "latest", out, test=True)
-        assert out.read_bytes() == first[:256] + second + first[768:] + bytes(SIZE - 1024)
-    finally:
-        await applier.close()
+        assert out.read_bytes() == FIRST[:256] + second + FIRST[768:] + bytes(SIZE - 1024)
 
 
 async def test_a_commit_waits_for_a_failover_copy_that_needs_the_entries_it_releases(tmp_path: Path) -> None:
     """A commit deletes every undo entry. A test failover of point 1 copying meanwhile would find none newer
     than its point to roll back through, and hand out the latest image as point 1: the commit is refused
     until the copy is done."""
-    store_dir = tmp_path / "cache"
-    applier = _local_applier(store_dir, tmp_path / "seed")
-    first = b"a" * 1024
-    _store_blob(store_dir, 1, 0, first)
-    try:
-        assert await applier.apply_available(force=True) == 1
+    async with _applied_blob_1(tmp_path) as (applier, store_dir):
         _store_blob(store_dir, 2, 0, b"b" * 1024)
         assert await applier.apply_available(force=True) == 1  # a group, a point, each
         await failover(applier, DISK, "latest", tmp_path / "latest.img", test=False)
-        copied, resume = threading.Event(), threading.Event()
-
-        def hold_copy(done: int, total: int) -> None:  # in the copying thread
-            if done == total and not copied.is_set():
-                copied.set()
-                resume.wait(10)
-
+        held = HeldCopy()
         point = next(p for p in applier.points(DISK) if p.seq == 1)
         out = tmp_path / "p1.img"
-        copying = asyncio.create_task(failover(applier, DISK, point.id, out, test=True, progress=hold_copy))
-        assert await asyncio.to_thread(copied.wait, 10)
+        copying = asyncio.create_task(failover(applier, DISK, point.id, out, test=True, progress=held))
+        await held.reached()
         with pytest.raises(PointNotFound, match="being copied by another failover"):
             await commit(applier, DISK)
-        resume.set()
+        held.resume.set()
         assert (await copying).seq == 1
-        assert out.read_bytes() == first + bytes(SIZE - 1024)
+        assert out.read_bytes() == FIRST + bytes(SIZE - 1024)
         assert await commit(applier, DISK) == 2
         with pytest.raises(PointNotFound, match="committed"):
             await failover(applier, DISK, "latest-processed", out, test=True)
-    finally:
-        await applier.close()
 
 
 async def test_a_latest_failover_copies_the_disk_its_catch_up_opened_again(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Catching up applies group 2, whose state cannot be saved, so the disk is opened again as a new state:
     the failover copies that one, not the closed volume it looked up before catching up."""
-    store_dir = tmp_path / "cache"
-    applier = _local_applier(store_dir, tmp_path / "seed")
-    first = b"a" * 1024
-    _store_blob(store_dir, 1, 0, first)
-    try:
-        assert await applier.apply_available(force=True) == 1
+    async with _applied_blob_1(tmp_path) as (applier, store_dir):
         _store_blob(store_dir, 2, 256, b"b" * 512)
 
         def full_disk(state: object) -> None:
@@ -377,9 +380,7 @@ async def test_a_latest_failover_copies_the_disk_its_catch_up_opened_again(
         monkeypatch.setattr(applier.disks[DISK].volume, "_save_state", full_disk)
         out = tmp_path / "latest.img"
         result = await failover(applier, DISK, "latest", out, test=True)
-        assert (result.seq, out.read_bytes()) == (1, first + bytes(SIZE - 1024))
-    finally:
-        await applier.close()
+        assert (result.seq, out.read_bytes()) == (1, FIRST + bytes(SIZE - 1024))
 
 
 async def test_a_seed_state_is_made_durable_before_the_applier_acts_on_it(
