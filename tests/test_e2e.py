@@ -374,3 +374,20 @@ async def test_serve_applies_nothing_before_it_knows_where_each_disk_resumes(
         assert server.pipeline.streams["d"].durable_seq == 3
     finally:
         await server.close()
+
+
+async def test_a_second_server_on_the_same_data_directory_is_refused(tmp_path: Path) -> None:
+    """Two servers on one spool and log would corrupt both: the second one's start fails, naming the first,
+    and leaves the first running; once that one stopped, a server starts there again."""
+    server, config = await _started(tmp_path / "data")
+    try:
+        with pytest.raises(ApplierLocked, match=r"another process server is running on .*\(pid \d+ \(blockferry serve\)\)"):
+            await ProcessServer(config).start()
+        assert server.connect_info is not None
+        async with agent_for(config.server.data_dir, config.server.port) as agent:
+            disk = await agent.open_disk("d", 1 * MiB)
+            assert await (await disk.write(0, b"\x01" * 4096)) == 1
+    finally:
+        await server.close()
+    async with ProcessServer(config):
+        pass
