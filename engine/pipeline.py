@@ -31,6 +31,7 @@ from typing import Any, NamedTuple, Protocol
 
 from prometheus_client import Histogram
 
+from engine.buffers import ThreadBuffer
 from engine.config import Config
 from engine.disks import DiskInfo
 from engine.nonces import RandomNonces
@@ -278,6 +279,7 @@ class Pipeline:
         self._spare_buffers = 2 * config.seal_threads  # sealed-blob buffers kept for reuse (per blob: no os calls)
         self._spool_executor = ThreadPoolExecutor(SPOOL_IO_THREADS, thread_name_prefix="spool")
         self._buffers: queue.SimpleQueue[bytearray] = queue.SimpleQueue()  # sealed-blob buffers to reuse
+        self._gathered = ThreadBuffer()  # each seal thread's records of the batch it seals
         self._nonces = RandomNonces()
         self._upload_queue: asyncio.Queue[Batch] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -773,10 +775,8 @@ class Pipeline:
             self._upload_queue.put_nowait(done)
 
     def _seal_blocking(self, batch: Batch) -> memoryview:
-        """Worker thread: read back what is in the log, join once, lz4 + AES-GCM into a reused buffer."""
-        parts: list[bytes | memoryview] = [self._read_back(batch.disk, logged) for logged in batch.logged]
-        parts += [piece for record in batch.records for piece in record.pieces]
-        records = b"".join(parts)
+        """Worker thread: gather the batch's records, lz4 + AES-GCM into a reused buffer."""
+        records = self._gather(batch)
         header = BlobHeader(batch.disk, self.streams[batch.disk].info.size, batch.first_seq, batch.last_seq,
                             batch.last_seq - batch.first_seq + 1, batch.created_us, batch.last_source_us)
         try:
@@ -785,17 +785,32 @@ class Pipeline:
             buffer = None
         return self.sealer.seal(records, header, self._nonces(), out=buffer)
 
-    def _read_back(self, disk: str, logged: LoggedRecords) -> bytes:
-        """Worker thread: records from the log, checked against the CRC-32s kept for them (the read is
-        not authenticated: the chunk's tag covers the whole chunk, which holds other disks' records)."""
+    def _gather(self, batch: Batch) -> memoryview:
+        """Worker thread: the batch's records, in order, in this thread's reused buffer — what is in the
+        log read back straight into it, what is still held copied after it. A fresh buffer for each read,
+        its plaintext and their join took a seal thread more CPU than AES-GCM at 1000 disks."""
+        size = sum(logged.place.length for logged in batch.logged) + sum(record.size for record in batch.records)
+        records = self._gathered.take(size)
+        pos = 0
+        for logged in batch.logged:
+            self._read_back(batch.disk, logged, records[pos:pos + logged.place.length])
+            pos += logged.place.length
+        for record in batch.records:
+            for piece in record.pieces:
+                records[pos:pos + len(piece)] = piece
+                pos += len(piece)
+        return records
+
+    def _read_back(self, disk: str, logged: LoggedRecords, out: memoryview) -> None:
+        """Worker thread: records from the log into ``out``, checked against the CRC-32s kept for them (the
+        read is not authenticated: the chunk's tag covers the whole chunk, which holds other disks' records)."""
         place = logged.place
         try:
-            records = self.wal.read(place)
-            check_read_back(records, disk, logged.first_seq, logged.checksums, logged.headers_crc)
+            self.wal.read_into(place, out)
+            check_read_back(out, disk, logged.first_seq, logged.checksums, logged.headers_crc)
         except (OSError, LogBlobError) as exc:
             raise ReadBackError(f"{exc} (sequences {logged.first_seq}-{logged.last_seq}, {place.length} bytes at "
                                 f"offset {place.file_offset} of {place.path})") from exc
-        return records
 
     def _stop_disk(self, stream: DiskStream, failure: str, remedy: str) -> None:
         """A blob of this disk cannot be made from what this process holds (damage the read-back keeps

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.buffers import ThreadBuffer
 from engine.fsutil import fsync_dir, private_dir, sync_or_rewrite
 from engine.nonces import RandomNonces
 from protocol import LogBlobError
@@ -90,7 +91,7 @@ class Segment:
 
 @dataclass(frozen=True, slots=True)
 class LogRange:
-    """Records of one disk that a commit put in the log, to read back (:meth:`WriteAheadLog.read`)
+    """Records of one disk that a commit put in the log, to read back (:meth:`WriteAheadLog.read_into`)
     instead of holding them in memory until they are sealed."""
 
     path: Path  # the segment
@@ -135,6 +136,7 @@ class WriteAheadLog:
         self._lock = threading.Lock()
         self._nonces = RandomNonces()
         self._readers: dict[Path, int] | None = {}  # segment -> descriptor that reads records back (None: closed)
+        self._ciphertext = ThreadBuffer()  # read back here, decrypted into the caller's buffer
 
     def replay(self, keys: KeyLookup, after: dict[str, int]) -> list[WalSection]:
         """At start-up: the sections the previous runs logged, in log order, except those whose disk is
@@ -232,14 +234,16 @@ class WriteAheadLog:
                 self._close_open()
         return written, place
 
-    def read(self, logged: LogRange) -> bytes:
-        """Records an earlier commit appended, read back (blocking; any thread). Unauthenticated — the
-        tag covers the whole chunk —, so the caller checks them; a short read is an OSError."""
-        data = os.pread(self._reader(logged.path), logged.length, logged.file_offset)
-        if len(data) != logged.length:
-            raise OSError(errno.EIO, f"write-ahead log: {len(data)} of {logged.length} bytes at offset "
+    def read_into(self, logged: LogRange, out: memoryview) -> None:
+        """Records an earlier commit appended, read back into ``out`` (``logged.length`` bytes; blocking,
+        any thread). Unauthenticated — the tag covers the whole chunk —, so the caller checks them; a short
+        read is an OSError. The ciphertext passes through a buffer of the calling thread's, reused."""
+        ciphertext = self._ciphertext.take(logged.length)
+        got = os.preadv(self._reader(logged.path), [ciphertext], logged.file_offset)
+        if got != logged.length:
+            raise OSError(errno.EIO, f"write-ahead log: {got} of {logged.length} bytes at offset "
                                      f"{logged.file_offset}", str(logged.path))
-        return self.sealer.open_range(logged.nonce, logged.chunk_offset, data)
+        self.sealer.open_range_into(logged.nonce, logged.chunk_offset, ciphertext, out)
 
     def _reader(self, path: Path) -> int:
         with self._lock:

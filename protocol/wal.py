@@ -127,10 +127,11 @@ class WalSealer:
         out[end:end + GCM_TAG_SIZE] = encryptor.tag
         yield out[:end + GCM_TAG_SIZE]
 
-    def open_range(self, nonce: bytes, offset: int, ciphertext: bytes | memoryview) -> bytes:
-        """Plaintext of ``ciphertext``, the bytes at ``offset`` in the records of the chunk sealed with
-        ``nonce`` — without the tag, which covers the whole chunk: this reads back a few records of a
-        chunk this sealer wrote, and the caller checks them against the checksums it kept for them.
+    def open_range_into(self, nonce: bytes, offset: int, ciphertext: bytes | memoryview, out: memoryview) -> None:
+        """Decrypt into ``out`` (as long as it) ``ciphertext``, the bytes at ``offset`` in the records of the
+        chunk sealed with ``nonce`` — without the tag, which covers the whole chunk: this reads back a few
+        records of a chunk this sealer wrote, and the caller checks them against the checksums it kept
+        for them.
 
         GCM encrypts in counter mode: the first block of records uses counter block ``nonce ‖ 2``."""
         block, skip = divmod(offset, AES_BLOCK)
@@ -138,9 +139,8 @@ class WalSealer:
         decryptor = Cipher(algorithms.AES(self._key), modes.CTR(counter)).decryptor()
         if skip:
             decryptor.update(bytes(skip))
-        plaintext = decryptor.update(ciphertext)  # counter mode: finalize() adds nothing, and `+` would copy it
+        decryptor.update_into(ciphertext, out)  # counter mode: finalize() adds nothing
         decryptor.finalize()
-        return plaintext
 
 
 def read_chunk(data: bytes | memoryview, offset: int, keys: KeyLookup, *, name: str | None = None,
@@ -193,7 +193,7 @@ def _sections(plaintext: memoryview, number: int, name: str | None) -> list[WalS
 def check_read_back(records: bytes | memoryview, disk: str, first_seq: int, checksums: Sequence[int | None],
                     headers_crc: int) -> None:
     """Raise LogBlobError, naming the disk and sequence, unless ``records`` (read back from the log with
-    :meth:`WalSealer.open_range`) are the run of sequences from ``first_seq`` that was logged: one record
+    :meth:`WalSealer.open_range_into`) are the run of sequences from ``first_seq`` that was logged: one record
     per checksum, every write's body matching its checksum (the agent's CRC-32; None for a tag) and the
     rest — record headers, tags whole — matching ``headers_crc`` (:func:`headers_crc`). Counter mode
     without its tag lets a damaged bit through as exactly that bit, so every byte is covered by one."""

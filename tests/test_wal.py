@@ -126,7 +126,9 @@ def test_records_read_back_from_any_offset_of_a_chunk(bodies: list[bytes], data:
     start = data.draw(st.integers(0, len(plain)))
     end = data.draw(st.integers(start, len(plain)))
     ciphertext = chunk[CHUNK_HEADER.size + start:CHUNK_HEADER.size + end]
-    assert sealer.open_range(nonce, start, ciphertext) == plain[start:end]
+    out = bytearray(len(ciphertext))
+    sealer.open_range_into(nonce, start, ciphertext, memoryview(out))
+    assert out == plain[start:end]
 
 
 def test_records_read_back_are_checked_and_a_bad_one_is_named() -> None:
@@ -592,15 +594,15 @@ async def test_a_read_back_that_fails_for_a_while_is_retried_without_stopping_th
     config = make_config(tmp_path / "data", batch={"linger_ms": 60_000}, upload={"retry_initial_ms": 1})
     async with running_pipeline(config, key=KEY) as pipeline:
         await logged_run(pipeline, range(1, 4))
-        read = pipeline.wal.read
+        read_into = pipeline.wal.read_into
         failures = [OSError(errno.EMFILE, "Too many open files")] * (2 * engine.pipeline.READ_BACK_ATTEMPTS)
 
-        def failing_for_a_while(logged: LogRange) -> bytes:
+        def failing_for_a_while(logged: LogRange, out: memoryview) -> None:
             if failures:
                 raise failures.pop()
-            return read(logged)
+            read_into(logged, out)
 
-        monkeypatch.setattr(pipeline.wal, "read", failing_for_a_while)
+        monkeypatch.setattr(pipeline.wal, "read_into", failing_for_a_while)
         await asyncio.wait_for(pipeline.drain(), 10)
         assert pipeline.streams["d"].log_failure is None
         assert pipeline.stats.spool_errors == 2 * engine.pipeline.READ_BACK_ATTEMPTS
