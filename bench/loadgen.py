@@ -159,6 +159,8 @@ class _Worker:
             self.errors.append(f"flush: {type(exc).__name__}: {exc}")
         t_flushed = time.monotonic()
         snapper.cancel()
+        if "end" not in snaps:  # a byte budget sent (or the schedule's last write due) before the window's end
+            snaps["end"] = (t_flushed, self._acked())
         reporter.cancel()
         cpu = time.process_time() - cpu0
         self.out_q.put(("progress", self.spec.worker, time.monotonic(), self._acked(), self._sent()))

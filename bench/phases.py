@@ -142,6 +142,26 @@ def run_phase(spec: PhaseSpec, workdir: Path, console: Console | None = None,
             marks: dict[str, ProbeSample | None] = {}
             machine: dict[str, tuple[float, float, dict[str, float]]] = {}
             pending = [("start", t0), ("measure", t_measure), ("end", t_end)]
+
+            def take_mark(label: str, now: float) -> None:
+                nonlocal spy
+                marks[label] = probe.sample_now()
+                machine[label] = (time.monotonic(), system_cpu_seconds(), pressure_totals())
+                if label == "measure" and spec.pyspy_dir is not None:
+                    spec.pyspy_dir.mkdir(parents=True, exist_ok=True)
+                    spy = PySpy(server.pid, spec.pyspy_dir / f"{spec.name}.pyspy.txt")
+                    if not spy.start():
+                        result["server_profile"] = {"error": "py-spy not installed (pip install py-spy)"}
+                        spy = None
+                elif label == "end" and spy is not None:
+                    spy.stop()
+                    try:
+                        result["server_profile"] = summarize(spy.out, seconds=now - t_measure, rate=spy.rate)
+                    except OSError as exc:
+                        said = spy.log.read_text(errors="replace")[-500:] if spy.log and spy.log.exists() else ""
+                        result["server_profile"] = {"error": f"py-spy wrote no profile: {exc}; {said}"}
+                    spy = None
+
             last_acked, last_t = 0, t0
             while not gen.done:
                 next_tick = time.monotonic() + 0.25
@@ -150,23 +170,7 @@ def run_phase(spec: PhaseSpec, workdir: Path, console: Console | None = None,
                 gen.poll(next_tick)
                 now = time.monotonic()
                 while pending and now >= pending[0][1]:
-                    label = pending.pop(0)[0]
-                    marks[label] = probe.sample_now()
-                    machine[label] = (time.monotonic(), system_cpu_seconds(), pressure_totals())
-                    if label == "measure" and spec.pyspy_dir is not None:
-                        spec.pyspy_dir.mkdir(parents=True, exist_ok=True)
-                        spy = PySpy(server.pid, spec.pyspy_dir / f"{spec.name}.pyspy.txt")
-                        if not spy.start():
-                            result["server_profile"] = {"error": "py-spy not installed (pip install py-spy)"}
-                            spy = None
-                    elif label == "end" and spy is not None:
-                        spy.stop()
-                        try:
-                            result["server_profile"] = summarize(spy.out, seconds=now - t_measure, rate=spy.rate)
-                        except OSError as exc:
-                            said = spy.log.read_text(errors="replace")[-500:] if spy.log and spy.log.exists() else ""
-                            result["server_profile"] = {"error": f"py-spy wrote no profile: {exc}; {said}"}
-                        spy = None
+                    take_mark(pending.pop(0)[0], now)
                 if not server.alive():
                     raise RuntimeError(f"the server died during {spec.name}:\n{server.log_tail()}")
                 acked, _sent = gen.totals()
@@ -183,6 +187,13 @@ def run_phase(spec: PhaseSpec, workdir: Path, console: Console | None = None,
                     raise RuntimeError(f"{spec.name}: generators did not finish in time; acked/sent per process "
                                        f"{gen.latest}; server gauges {last}")
             results = gen.wait_done(30)
+            if pending:  # the generators finished before the duration: a byte budget, sent
+                if pending[0][0] != "end":
+                    raise RuntimeError(f"{spec.name}: the byte budget was sent within the warm-up "
+                                       f"({spec.warmup:g} s), which leaves nothing to measure: raise --bytes or "
+                                       "lower --warmup")
+                t_end = time.monotonic()  # the window ends with the load, as each generator's own does
+                take_mark(pending.pop()[0], t_end)
             t_flushed = max(r["t_flushed"] for r in results)
             final_seq = {name: d["acked_seq"] for r in results for name, d in r["disks"].items()}
             caught_up = _wait_progress(probe, spec, final_seq)

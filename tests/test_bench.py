@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bench.ceiling import measure_ceiling
 from bench.compare import compare
 from bench.loadgen import disk_seeds, plan_agents
@@ -87,6 +89,28 @@ def test_bench_smoke(tmp_path: Path) -> None:
     changed = [row for row in compare(result, faster) if row["change"]]
     assert [(row["metric"], row["change"], row["better"]) for row in changed if "acked" in row["metric"]] == [
         ("max: acked MB/s", 1.0, True)], changed
+
+
+def test_a_byte_budget_ends_the_window_when_it_is_sent(tmp_path: Path) -> None:
+    """With --bytes the duration is only a cap: the window must end with the load, not at the cap (it
+    reported 0 MB/s, and a catch-up 594 s before the end)."""
+    profile = parse_profile("random64k", pool_bytes=4 * MiB)
+    spec = PhaseSpec(name="budget", mode="closed", agents=1, disks_per_agent=2, profile=profile, duration=600.0,
+                     warmup=0.5, disk_size=64 * MiB, window=4 * MiB, budget_bytes=96 * MiB, flush_timeout=30.0)
+    r = run_phase(spec, tmp_path)
+    r.pop("_server")
+    assert r["acked_bytes_total"] >= 96 * MiB and not r["generator"]["errors"]
+    assert 0 < r["measure_window_s"] < 60 and r["duration_s"] < 60
+    assert 0 < r["acked_bytes_window"] < r["acked_bytes_total"] and r["acked_mbps"] > 0
+    assert r["server_cpu_s_per_gb"] > 0 and r["caught_up"] and r["caught_up_s"] >= 0
+
+
+def test_a_byte_budget_sent_within_the_warm_up_is_refused_by_name(tmp_path: Path) -> None:
+    profile = parse_profile("random64k", pool_bytes=4 * MiB)
+    spec = PhaseSpec(name="tiny", mode="closed", agents=1, disks_per_agent=1, profile=profile, duration=600.0,
+                     warmup=30.0, disk_size=64 * MiB, window=4 * MiB, budget_bytes=1 * MiB, flush_timeout=30.0)
+    with pytest.raises(RuntimeError, match=r"tiny: the byte budget was sent within the warm-up \(30 s\)"):
+        run_phase(spec, tmp_path)
 
 
 def test_histogram_and_seqlog() -> None:
