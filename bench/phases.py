@@ -22,7 +22,15 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from bench.loadgen import LoadGenerator, auto_procs, plan_agents
 from bench.profiles import Profile
 from bench.pyspy import PySpy, summarize
-from bench.serverproc import BenchServer, Probe, ProbeSample, pressure_totals, system_cpu_seconds
+from bench.serverproc import (
+    BenchServer,
+    Probe,
+    ProbeSample,
+    pressure_totals,
+    process_tree,
+    system_cpu_seconds,
+    thread_times,
+)
 from bench.stats import LogHistogram, SeqLog, interpolate, percentile, rate_between
 
 MB = 1e6
@@ -141,12 +149,14 @@ def run_phase(spec: PhaseSpec, workdir: Path, console: Console | None = None,
             gen.go(t0, t_measure, t_end)
             marks: dict[str, ProbeSample | None] = {}
             machine: dict[str, tuple[float, float, dict[str, float]]] = {}
+            threads: dict[str, dict[str, tuple[float, float]]] = {}
             pending = [("start", t0), ("measure", t_measure), ("end", t_end)]
 
             def take_mark(label: str, now: float) -> None:
                 nonlocal spy
                 marks[label] = probe.sample_now()
                 machine[label] = (time.monotonic(), system_cpu_seconds(), pressure_totals())
+                threads[label] = thread_times(process_tree(server.pid))
                 if label == "measure" and spec.pyspy_dir is not None:
                     spec.pyspy_dir.mkdir(parents=True, exist_ok=True)
                     spy = PySpy(server.pid, spec.pyspy_dir / f"{spec.name}.pyspy.txt")
@@ -187,13 +197,12 @@ def run_phase(spec: PhaseSpec, workdir: Path, console: Console | None = None,
                     raise RuntimeError(f"{spec.name}: generators did not finish in time; acked/sent per process "
                                        f"{gen.latest}; server gauges {last}")
             results = gen.wait_done(30)
-            if pending:  # the generators finished before the duration: a byte budget, sent
-                if pending[0][0] != "end":
-                    raise RuntimeError(f"{spec.name}: the byte budget was sent within the warm-up "
-                                       f"({spec.warmup:g} s), which leaves nothing to measure: raise --bytes or "
-                                       "lower --warmup")
-                t_end = time.monotonic()  # the window ends with the load, as each generator's own does
-                take_mark(pending.pop()[0], t_end)
+            if any("measure" not in r["snapshots"] for r in results):
+                raise RuntimeError(f"{spec.name}: the byte budget was sent within the warm-up ({spec.warmup:g} s), "
+                                   "which leaves nothing to measure: raise --bytes or lower --warmup")
+            if pending:  # only the end is left: a byte budget, sent before the duration's cap
+                take_mark(pending.pop()[0], time.monotonic())
+                t_end = max(r["snapshots"]["end"][0] for r in results)  # the generators' window ends with the load
             t_flushed = max(r["t_flushed"] for r in results)
             final_seq = {name: d["acked_seq"] for r in results for name, d in r["disks"].items()}
             caught_up = _wait_progress(probe, spec, final_seq)
@@ -212,6 +221,7 @@ def run_phase(spec: PhaseSpec, workdir: Path, console: Console | None = None,
             server.stop()
     result.update(_figures(spec, gen, results, probe, marks, t0, t_measure, t_end, t_flushed, caught_up))
     result["machine_during_window"] = _machine(machine, result)
+    result["server_threads"] = _threads(threads, machine)
     result["server_exit"] = server.proc.returncode if server.proc else None
     result["wait_for"] = spec.wait_for
     result["wall_s"] = round(time.monotonic() - wall_start, 1)
@@ -236,6 +246,19 @@ def _machine(machine: dict[str, tuple[float, float, dict[str, float]]], result: 
         if kind in pa and kind in pb:
             out[f"{kind}_pressure_some_pct"] = 100 * (pb[kind] - pa[kind]) / span
     return out
+
+
+def _threads(threads: dict[str, dict[str, tuple[float, float]]],
+             machine: dict[str, tuple[float, float, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """serve's threads over the window, busiest first: cores on a CPU and cores' worth of waiting for one."""
+    if "measure" not in threads or "end" not in threads:
+        return {}
+    span = max(machine["end"][0] - machine["measure"][0], 1e-9)
+    before, after = threads["measure"], threads["end"]
+    rows = {name: {"cores": (on - before.get(name, (0.0, 0.0))[0]) / span,
+                   "waiting": (wait - before.get(name, (0.0, 0.0))[1]) / span}
+            for name, (on, wait) in after.items()}
+    return dict(sorted(rows.items(), key=lambda row: -row[1]["cores"]))
 
 
 def gen_flush_grace(spec: PhaseSpec) -> float:

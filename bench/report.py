@@ -62,6 +62,15 @@ def _gauge_note(gauges: dict | None) -> str:
     return "; server gauges: " + ", ".join(parts) if parts else ""
 
 
+def _threads_note(threads: dict | None, shown: int = 8) -> str:
+    """serve's busiest threads: cores on a CPU / waiting for one (a thread that waits as long as it runs
+    is short of CPU, not of work)."""
+    if not threads:
+        return ""
+    parts = [f"{name} {row['cores']:.2f} / {row['waiting']:.2f}" for name, row in list(threads.items())[:shown]]
+    return "; threads (cores on a CPU / waiting for one): " + ", ".join(parts)
+
+
 def _met(met: bool | None) -> str:
     return {True: "yes", False: "**no**", None: "not measured"}[met]
 
@@ -153,7 +162,8 @@ def markdown(result: dict, plots: dict[str, str] | None = None) -> str:
                             else "; **applier did not catch up in time**")
                          + (f"; errors: {g['errors'][:3]}" if g["errors"] else "")
                          + _machine_note(p.get("machine_during_window"))
-                         + _gauge_note(p.get("server_gauges")))
+                         + _gauge_note(p.get("server_gauges"))
+                         + _threads_note(p.get("server_threads")))
         lines += ["Per phase:", "", *notes, ""]
 
     drain = result.get("drain")

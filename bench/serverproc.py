@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import resource
 import select
 import signal
@@ -220,6 +221,32 @@ def process_tree(pid: int) -> list[int]:
         except (FileNotFoundError, ProcessLookupError):
             continue  # exited between the listing and the read
     return tree
+
+
+def thread_times(pids: list[int]) -> dict[str, tuple[float, float]]:
+    """Per thread name over the processes ``pids`` (serve first, then its applier process): seconds on a CPU
+    and seconds runnable but waiting for one (schedstat). Numbered pool threads are summed (``seal_0`` and
+    ``seal_1`` are ``serve:seal``), a process's main thread is its ``loop``. A thread that waits as long
+    as it runs is starved of CPU, not of work — what the CPU figures alone cannot tell."""
+    out: dict[str, tuple[float, float]] = {}
+    for index, pid in enumerate(pids):
+        role = "serve" if index == 0 else "applier"
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{task}/comm") as handle:
+                    comm = handle.read().strip()
+                with open(f"/proc/{pid}/task/{task}/schedstat") as handle:
+                    on_cpu, waiting = (int(x) / 1e9 for x in handle.read().split()[:2])
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                continue  # exited meanwhile, or no schedstat in this kernel
+            name = f"{role}:{'loop' if int(task) == pid else re.sub(r'_[0-9]+$', '', comm)}"
+            before = out.get(name, (0.0, 0.0))
+            out[name] = (before[0] + on_cpu, before[1] + waiting)
+    return out
 
 
 def proc_memory(pid: int) -> tuple[int, int]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+
+from engine.threads import name_os_thread
 
 T = TypeVar("T")
 
@@ -14,5 +17,13 @@ def run_loop(coro: Coroutine[Any, Any, T]) -> T:
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+        return asyncio.run(_with_named_executor(coro))
+    return uvloop.run(_with_named_executor(coro))
+
+
+async def _with_named_executor(coro: Coroutine[Any, Any, T]) -> T:
+    """The loop's default executor (``to_thread``, ``run_in_executor(None, …)``: file and directory syncs,
+    store calls) as asyncio would make it, but with threads the kernel knows by name (``io_N``)."""
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(thread_name_prefix="io", initializer=name_os_thread))
+    return await coro

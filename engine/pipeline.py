@@ -38,6 +38,7 @@ from engine.nonces import RandomNonces
 from engine.spool import Spool, SpooledBlob, UploadWatermarks
 from engine.store import CacheStore
 from engine.store.base import StoreError, UntrustedBlobFiles
+from engine.threads import name_os_thread
 from engine.wal import SEGMENT_BYTES, ChunkPlace, GroupCommitter, Logged, LogRange, WriteAheadLog
 from protocol import SECTOR_SIZE, ErrorCode, LogBlobError, RemoteProtocolError, Tag, Write
 from protocol.logblob import (
@@ -275,9 +276,11 @@ class Pipeline:
         self.track_applied = False  # keep DiskStream.unapplied (serve sets it when its applier is a child process)
         self.applied_seqs: dict[str, int] = {}  # disk → applied sequence its applier process last reported
         self.stats = PipelineStats()
-        self._executor = ThreadPoolExecutor(config.seal_threads, thread_name_prefix="seal")
+        self._executor = ThreadPoolExecutor(config.seal_threads, thread_name_prefix="seal",
+                                            initializer=name_os_thread)
         self._spare_buffers = 2 * config.seal_threads  # sealed-blob buffers kept for reuse (per blob: no os calls)
-        self._spool_executor = ThreadPoolExecutor(SPOOL_IO_THREADS, thread_name_prefix="spool")
+        self._spool_executor = ThreadPoolExecutor(SPOOL_IO_THREADS, thread_name_prefix="spool",
+                                                  initializer=name_os_thread)
         self._buffers: queue.SimpleQueue[bytearray] = queue.SimpleQueue()  # sealed-blob buffers to reuse
         self._gathered = ThreadBuffer()  # each seal thread's records of the batch it seals
         self._nonces = RandomNonces()

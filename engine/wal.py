@@ -32,6 +32,7 @@ from pathlib import Path
 from engine.buffers import ThreadBuffer
 from engine.fsutil import fsync_dir, private_dir, sync_or_rewrite
 from engine.nonces import RandomNonces
+from engine.threads import name_os_thread
 from protocol import LogBlobError
 from protocol.logblob import KeyLookup
 from protocol.wal import CHUNK_HEADER, WAL_MAGIC, WalChunk, WalSealer, WalSection, read_chunk, section_header
@@ -446,6 +447,7 @@ class GroupCommitter:
         self.wal.close()
 
     def _run(self) -> None:
+        name_os_thread()
         while True:
             with self._cond:
                 while not self._pending and not self._closing:

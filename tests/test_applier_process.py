@@ -150,6 +150,33 @@ async def test_the_applier_process_stops_when_the_server_is_killed(tmp_path: Pat
     assert (data / "seed" / "d.img").read_bytes() == source
 
 
+def _thread_names(pid: int) -> set[str]:
+    return {(task / "comm").read_text().strip() for task in Path(f"/proc/{pid}/task").iterdir()}
+
+
+async def test_the_kernel_knows_serves_threads_by_name(tmp_path: Path) -> None:
+    """`top -H`, perf and /proc tell the event loop from the seal threads and the log's commit thread."""
+    data, port = tmp_path / "data", free_port()
+    config = write_config(tmp_path / "bf.toml", f'[server]\ndata_dir = "{data}"\nport = {port}\n'
+                                                f'[http]\nport = 0\n[applier]\nhttp_port = 0\npoll_ms = 20\n')
+    server = ServerProcess(config, port, tmp_path / "server.log")
+    server.start()
+    source = bytearray(8 * MiB)
+    try:
+        async with agent_for(data, port) as agent:
+            await agent.open_disk("d", len(source))
+            await _write(agent, "d", source, ContentPool(4 * MiB), seed=6)
+            await wait_applied(data / "seed", {"d": agent.disks["d"].acked_seq})
+        assert server.proc is not None
+        serve = _thread_names(server.proc.pid)
+        children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
+        applier = _thread_names(int(children[0]))
+    finally:
+        server.stop()
+    assert {"wal-commit", "seal_0", "spool_0", "store-sync_0", "io_0"} <= serve, serve
+    assert {"apply_0", "io_0"} <= applier, applier
+
+
 async def test_an_applier_process_that_cannot_start_fails_the_server_start(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

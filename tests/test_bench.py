@@ -61,6 +61,9 @@ def test_bench_smoke(tmp_path: Path) -> None:
     series = r["series"]
     assert len(series["t"]) == len(series["acked_mbps"]) == len(series["applied_mbps"]) > 0
     assert max(series["acked_mbps"]) > 0
+    threads = r["server_threads"]  # who ran and who waited for a CPU, by the names serve gives its threads
+    assert {"serve:loop", "serve:wal-commit", "serve:seal", "applier:loop", "applier:apply"} <= threads.keys()
+    assert threads["serve:loop"]["cores"] > 0 and all(row["waiting"] >= 0 for row in threads.values())
 
     # the ceiling over the same bytes, same thread count as the engine's default
     plans = plan_agents([AgentCreds("x0", ""), AgentCreds("x1", "")], 2)
@@ -81,6 +84,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     result["scaling"] = {"offered_mbps": 10.0, "steps": [step]}
     text = markdown(json.loads(json.dumps(result, default=str)))
     assert "| max | closed |" in text and "borg**: no figure" in text
+    assert "threads (cores on a CPU / waiting for one): serve:" in text
     assert "| 2 | 10.0 | 12 / 8 | 4.0 | 100% |" in text, "a step shows how its rate held and what it stored"
     rows = compare(result, result)
     assert rows and all(row["change"] in (0.0, None) for row in rows)
@@ -96,13 +100,13 @@ def test_a_byte_budget_ends_the_window_when_it_is_sent(tmp_path: Path) -> None:
     reported 0 MB/s, and a catch-up 594 s before the end)."""
     profile = parse_profile("random64k", pool_bytes=4 * MiB)
     spec = PhaseSpec(name="budget", mode="closed", agents=1, disks_per_agent=2, profile=profile, duration=600.0,
-                     warmup=0.5, disk_size=64 * MiB, window=4 * MiB, budget_bytes=96 * MiB, flush_timeout=30.0)
+                     warmup=0.5, disk_size=64 * MiB, window=4 * MiB, budget_bytes=320 * MiB, flush_timeout=30.0)
     r = run_phase(spec, tmp_path)
     r.pop("_server")
-    assert r["acked_bytes_total"] >= 96 * MiB and not r["generator"]["errors"]
+    assert r["acked_bytes_total"] >= 320 * MiB and not r["generator"]["errors"]
     assert 0 < r["measure_window_s"] < 60 and r["duration_s"] < 60
-    assert 0 < r["acked_bytes_window"] < r["acked_bytes_total"] and r["acked_mbps"] > 0
-    assert r["server_cpu_s_per_gb"] > 0 and r["caught_up"] and r["caught_up_s"] >= 0
+    assert 0 < r["acked_bytes_window"] <= r["acked_bytes_total"] and r["acked_mbps"] > 0
+    assert r["server_cpu_s_per_gb"] > 0 and r["caught_up"] and abs(r["caught_up_s"]) < 30  # not 594 s early
 
 
 def test_a_byte_budget_sent_within_the_warm_up_is_refused_by_name(tmp_path: Path) -> None:
