@@ -161,6 +161,7 @@ class _Worker:
         snapper.cancel()
         if "end" not in snaps:  # a byte budget sent (or the schedule's last write due) before the window's end
             snaps["end"] = (t_flushed, self._acked())
+        self.out_q.put(("flushed", self.spec.worker, snaps["end"][0]))  # the phase ends its window with ours
         reporter.cancel()
         cpu = time.process_time() - cpu0
         self.out_q.put(("progress", self.spec.worker, time.monotonic(), self._acked(), self._sent()))
@@ -353,6 +354,7 @@ class LoadGenerator:
         self.latest: dict[int, tuple[float, int, int]] = {}
         self.history: dict[int, list[tuple[float, int]]] = {}
         self.results: dict[int, dict] = {}
+        self.window_ends: dict[int, float] = {}  # worker → when its measurement window ended
         self.errors: list[str] = []
 
     def start(self, timeout: float = 180.0) -> float:
@@ -395,7 +397,7 @@ class LoadGenerator:
             return msg
 
     def poll(self, until: float) -> None:
-        """Process messages until ``until`` (monotonic)."""
+        """Process messages until ``until`` (monotonic), or until a generator process ends its window."""
         while True:
             remaining = until - time.monotonic()
             if remaining <= 0:
@@ -405,6 +407,8 @@ class LoadGenerator:
             except queue.Empty:
                 return
             self._handle(msg)
+            if msg[0] == "flushed":
+                return
 
     def _handle(self, msg: tuple) -> None:
         if msg[0] == "error":
@@ -413,6 +417,8 @@ class LoadGenerator:
         if msg[0] == "progress":
             self.latest[msg[1]] = (msg[2], msg[3], msg[4])
             self.history.setdefault(msg[1], []).append((msg[2], msg[3]))
+        elif msg[0] == "flushed":
+            self.window_ends[msg[1]] = msg[2]
         elif msg[0] == "done":
             self.results[msg[1]] = msg[2]
 
@@ -422,6 +428,12 @@ class LoadGenerator:
     @property
     def done(self) -> bool:
         return len(self.results) == len(self.workers)
+
+    @property
+    def window_end(self) -> float | None:
+        """When the last generator process ended its measurement window (its load sent and acknowledged,
+        or the duration over), once every one has: None before."""
+        return max(self.window_ends.values()) if len(self.window_ends) == len(self.workers) else None
 
     def wait_done(self, timeout: float) -> list[dict]:
         deadline = time.monotonic() + timeout

@@ -181,6 +181,10 @@ def run_phase(spec: PhaseSpec, workdir: Path, console: Console | None = None,
                 now = time.monotonic()
                 while pending and now >= pending[0][1]:
                     take_mark(pending.pop(0)[0], now)
+                if [label for label, _ in pending] == ["end"] and gen.window_end is not None:
+                    # a byte budget sent before the duration's cap: the window ends with the load
+                    take_mark(pending.pop()[0], now)
+                    t_end = gen.window_end
                 if not server.alive():
                     raise RuntimeError(f"the server died during {spec.name}:\n{server.log_tail()}")
                 acked, _sent = gen.totals()
@@ -197,12 +201,12 @@ def run_phase(spec: PhaseSpec, workdir: Path, console: Console | None = None,
                     raise RuntimeError(f"{spec.name}: generators did not finish in time; acked/sent per process "
                                        f"{gen.latest}; server gauges {last}")
             results = gen.wait_done(30)
-            if any("measure" not in r["snapshots"] for r in results):
-                raise RuntimeError(f"{spec.name}: the byte budget was sent within the warm-up ({spec.warmup:g} s), "
-                                   "which leaves nothing to measure: raise --bytes or lower --warmup")
-            if pending:  # only the end is left: a byte budget, sent before the duration's cap
-                take_mark(pending.pop()[0], time.monotonic())
-                t_end = max(r["snapshots"]["end"][0] for r in results)  # the generators' window ends with the load
+            if pending or any("measure" not in r["snapshots"] for r in results):  # the load ended in the warm-up
+                errors = [error for r in results for error in r["errors"]]
+                cause = (f"the load failed: {errors[:3]}" if errors else
+                         f"the byte budget was sent within the warm-up ({spec.warmup:g} s): raise --bytes or lower "
+                         "--warmup")
+                raise RuntimeError(f"{spec.name}: nothing to measure, {cause}")
             t_flushed = max(r["t_flushed"] for r in results)
             final_seq = {name: d["acked_seq"] for r in results for name, d in r["disks"].items()}
             caught_up = _wait_progress(probe, spec, final_seq)
@@ -397,7 +401,7 @@ def _figures(spec: PhaseSpec, gen: LoadGenerator, results: list[dict], probe: Pr
                   "samples": len(lags)},
         "stored_lag_s": {"p50": percentile(stored_lags, 0.5), "p99": percentile(stored_lags, 0.99),
                          "max": max(stored_lags, default=0.0)},
-        "flush_s": round(t_flushed - t_end, 3),
+        "flush_s": round(t_flushed - max(r["t_issued"] for r in results), 3),
         "caught_up_s": round(caught_up - t_end, 3) if caught_up is not None else None,
         "caught_up": caught_up is not None,
         "generator": {

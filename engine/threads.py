@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 
@@ -18,7 +19,5 @@ def name_os_thread() -> None:
     thread pools' ``initializer``; a no-op where there is no prctl (not Linux).
     """
     name = threading.current_thread().name.encode(errors="replace")[:TASK_COMM_LEN - 1]
-    try:
+    with contextlib.suppress(Exception):  # a name is never worth a thread: raised here, it would break its pool
         ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass

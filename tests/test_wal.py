@@ -527,6 +527,21 @@ async def test_an_open_batch_leaves_what_the_log_holds_to_the_log(log_backed: No
         assert await stored_writes(pipeline) == {seq: bytes([seq % 256]) * 4096 for seq in range(1, 41)}
 
 
+async def test_a_seal_thread_gathers_each_batch_afresh_in_the_buffer_it_reuses(log_backed: None, tmp_path: Path) -> None:
+    """One seal thread gathers every batch into the same buffer: a small batch after a large one that did
+    not compress (stored as gathered) must hold its own records only, not the large one's tail."""
+    config = make_config(tmp_path / "data", batch={"linger_ms": 60_000}, pipeline={"seal_threads": 1})
+    written = {seq: os.urandom(4096) for seq in range(1, 17)} | {seq: bytes([seq]) * 4096 for seq in (17, 18)}
+    async with running_pipeline(config, key=KEY) as pipeline:
+        stream = pipeline.streams.get("d") or pipeline.stream(DiskInfo("d", "agent-1", 1 << 20, 4096))
+        for first, last in ((1, 16), (17, 18)):
+            for seq in range(first, last + 1):
+                assert pipeline.accept_write(stream, Write.make(1, seq, 4096 * (seq - 1), written[seq], seq))
+            await pipeline.drain()
+        assert await pipeline.store.list_blobs() == [blob_name("d", 1, 16), blob_name("d", 17, 18)]
+        assert await stored_writes(pipeline) == written
+
+
 def flip(path: Path, at: int, mask: int = 0x40) -> None:
     """Flip bits of one byte of a file in place (the page cache: what a read-back sees)."""
     fd = os.open(path, os.O_RDWR)
