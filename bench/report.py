@@ -197,6 +197,9 @@ def markdown(result: dict, plots: dict[str, str] | None = None) -> str:
                          f"{s['blob_mean_bytes'] / 1024:.0f} |")
         lines += ["", ("Stored below acked means the spool absorbed the difference during the step: a longer run "
                        "settles at the stored rate once the spool fills."), ""]
+        lines += [f"- {s['agents']} agents:{_threads_note(s['server_threads'])[1:]}" for s in scaling["steps"]
+                  if s.get("server_threads")]
+        lines += [""] if any(s.get("server_threads") for s in scaling["steps"]) else []
 
     profiled = [(name, p["server_profile"]) for name, p in phases if p.get("server_profile")]
     for step in (scaling or {}).get("steps", []):

@@ -56,6 +56,7 @@ def run_scaling(base: PhaseSpec, counts: list[int], offered_mbps: float, workdir
             "generator": r["generator"],
             "blob_mean_bytes": r["blob_mean_bytes"],
             "caught_up": r["caught_up"],
+            "server_threads": r["server_threads"],
             **({"server_profile": r["server_profile"]} if "server_profile" in r else {}),
         })
     by_n = {s["agents"]: s for s in steps if "error" not in s}

@@ -80,11 +80,14 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert result["ratios"]["engine_over_borg"] is None  # no borg, no number
     step = {"agents": 2, "acked_mbps": 10.0, "stored_mbps": 4.0, "carried": 1.0, "latency": r["latency"],
             "server_peak_rss": r["server_peak_rss"], "server_cpu_s_per_gb": 1.0, "window_per_agent": MiB,
-            "connect_s": 0.1, "blob_mean_bytes": 1024, "acked_mbps_halves": [12.0, 8.0]}
+            "connect_s": 0.1, "blob_mean_bytes": 1024, "acked_mbps_halves": [12.0, 8.0],
+            "server_threads": r["server_threads"]}
     result["scaling"] = {"offered_mbps": 10.0, "steps": [step]}
     text = markdown(json.loads(json.dumps(result, default=str)))
     assert "| max | closed |" in text and "borg**: no figure" in text
     assert "threads (cores on a CPU / waiting for one): serve:" in text
+    step_lines = [line for line in text.splitlines() if line.startswith("- 2 agents: threads (cores on a CPU")]
+    assert len(step_lines) == 1 and "serve:loop " in step_lines[0], "each step says who waited for a CPU"
     assert "| 2 | 10.0 | 12 / 8 | 4.0 | 100% |" in text, "a step shows how its rate held and what it stored"
     rows = compare(result, result)
     assert rows and all(row["change"] in (0.0, None) for row in rows)
