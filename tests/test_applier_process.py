@@ -123,28 +123,36 @@ async def test_a_killed_applier_process_is_restarted_and_nothing_is_lost(tmp_pat
     assert read_seed(config, "d") == source
 
 
-async def test_the_applier_process_stops_when_the_server_is_killed(tmp_path: Path) -> None:
+def _serve_process(tmp_path: Path) -> tuple[ServerProcess, Path, int]:
+    """`blockferry serve` started in its own process on a fresh data directory: (server, data_dir, port)."""
     data, port = tmp_path / "data", free_port()
     config = write_config(tmp_path / "bf.toml", f'[server]\ndata_dir = "{data}"\nport = {port}\n'
                                                 f'[http]\nport = 0\n[applier]\nhttp_port = 0\npoll_ms = 20\n')
     server = ServerProcess(config, port, tmp_path / "server.log")
     server.start()
+    return server, data, port
+
+
+async def _write_until_applied(data: Path, port: int, source: bytearray, pool: ContentPool, seed: int) -> None:
+    """Disk "d" written by a fresh agent, until its seed holds every acknowledged write."""
+    async with agent_for(data, port) as agent:
+        await agent.open_disk("d", len(source))
+        await _write(agent, "d", source, pool, seed=seed)
+        await wait_applied(data / "seed", {"d": agent.disks["d"].acked_seq})
+
+
+async def test_the_applier_process_stops_when_the_server_is_killed(tmp_path: Path) -> None:
+    server, data, port = _serve_process(tmp_path)
     pool = ContentPool(4 * MiB)
     source = bytearray(8 * MiB)
     try:
-        async with agent_for(data, port) as agent:
-            await agent.open_disk("d", len(source))
-            await _write(agent, "d", source, pool, seed=4)
-            await wait_applied(data / "seed", {"d": agent.disks["d"].acked_seq})
+        await _write_until_applied(data, port, source, pool, seed=4)
         assert not _lock_is_free(data / "seed")
         server.kill()  # SIGKILL: no chance to stop its child
         # its stdin closed: the orphan stops by itself
         await wait_for(lambda: _lock_is_free(data / "seed"), "the killed server's applier process to stop", 20)
         server.start()  # and a new server's applier takes over
-        async with agent_for(data, port) as agent:
-            await agent.open_disk("d", len(source))
-            await _write(agent, "d", source, pool, seed=5)
-            await wait_applied(data / "seed", {"d": agent.disks["d"].acked_seq})
+        await _write_until_applied(data, port, source, pool, seed=5)
     finally:
         server.stop()
     assert (data / "seed" / "d.img").read_bytes() == source
@@ -156,23 +164,18 @@ def _thread_names(pid: int) -> set[str]:
 
 async def test_the_kernel_knows_serves_threads_by_name(tmp_path: Path) -> None:
     """`top -H`, perf and /proc tell the event loop from the seal threads and the log's commit thread."""
-    data, port = tmp_path / "data", free_port()
-    config = write_config(tmp_path / "bf.toml", f'[server]\ndata_dir = "{data}"\nport = {port}\n'
-                                                f'[http]\nport = 0\n[applier]\nhttp_port = 0\npoll_ms = 20\n')
-    server = ServerProcess(config, port, tmp_path / "server.log")
-    server.start()
-    source = bytearray(8 * MiB)
+    server, data, port = _serve_process(tmp_path)
     try:
-        async with agent_for(data, port) as agent:
-            await agent.open_disk("d", len(source))
-            await _write(agent, "d", source, ContentPool(4 * MiB), seed=6)
-            await wait_applied(data / "seed", {"d": agent.disks["d"].acked_seq})
+        await _write_until_applied(data, port, bytearray(8 * MiB), ContentPool(4 * MiB), seed=6)
         assert server.proc is not None
-        serve = _thread_names(server.proc.pid)
-        children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
+        pid = server.proc.pid
+        loop = Path(f"/proc/{pid}/task/{pid}/comm").read_text().strip()
+        serve = _thread_names(pid)
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
         applier = _thread_names(int(children[0]))
     finally:
         server.stop()
+    assert loop == "blockferry"  # what docs/operations.md tells an operator to look for
     assert {"wal-commit", "seal_0", "spool_0", "store-sync_0", "io_0"} <= serve, serve
     assert {"apply_0", "io_0"} <= applier, applier
 

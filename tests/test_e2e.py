@@ -20,7 +20,7 @@ from support import (
     write_random,
 )
 
-from engine.agent import AgentError
+from engine.agent import AgentDisk, AgentError
 from engine.applier import ApplierLocked
 from engine.config import Config
 from engine.recovery.reset import ResetError, reset_disk
@@ -161,6 +161,14 @@ def _refusing_blob(server: ProcessServer, first_seq: int) -> None:
     server.store.put_files = refusing  # type: ignore[method-assign,union-attr]
 
 
+async def _first_write_applied(server: ProcessServer, disk: AgentDisk, data: bytes = b"\x01" * 4096) -> None:
+    """Write 1 of disk d (at offset 0) acknowledged, stored and applied to the seed."""
+    await (await disk.write(0, data))
+    assert server.pipeline is not None
+    await server.pipeline.drain()
+    await wait_for(lambda: server.applied_seq("d") == 1, "write 1 applied")
+
+
 async def _restarted_without(server: ProcessServer, config: Config, *, spool: bool, keep_watermarks: bool = False,
                              run_applier: bool = True) -> ProcessServer:
     """The server comes back without its upload watermarks and (``spool``) its spool's disk, with the
@@ -189,9 +197,7 @@ async def test_an_agent_told_that_acknowledged_writes_were_lost_stops_and_says_s
     server, config = await _started(data, **HELD_BACK)
     async with agent_for(data, config.server.port, reconnect_max_s=0.2) as agent:
         disk = await agent.open_disk("d", 1 * MiB)
-        await (await disk.write(0, b"\x01" * 4096))
-        await server.pipeline.drain()
-        await wait_for(lambda: server.applied_seq("d") == 1, "write 1 applied")
+        await _first_write_applied(server, disk)
         for seq in range(1, 3):
             await (await disk.write(4096 * seq, bytes([seq + 1]) * 4096))
         server = await _restarted_without(server, config, spool=True)
@@ -242,9 +248,7 @@ async def test_a_server_resumes_a_disk_after_what_the_cache_store_or_its_log_sti
     first = b"\x01" * (384 * 1024)
     async with agent_for(data, config.server.port, reconnect_max_s=0.2) as agent:
         disk = await agent.open_disk("d", 1 * MiB)
-        await (await disk.write(0, first))
-        await server.pipeline.drain()
-        await wait_for(lambda: server.applied_seq("d") == 1, "write 1 applied")
+        await _first_write_applied(server, disk, first)
         await wait_for(lambda: server.pipeline.wal.size_bytes == 0, "write 1 released from the log")
         for seq in range(2, 4):
             await (await disk.write(MiB // 2 + 4096 * seq, bytes([seq]) * 4096))
@@ -356,9 +360,7 @@ async def test_serve_applies_nothing_before_it_knows_where_each_disk_resumes(
     server, config = await _started(data, **HELD_BACK, applier={"process": process})
     async with agent_for(data, config.server.port, reconnect_max_s=0.2) as agent:
         disk = await agent.open_disk("d", 1 * MiB)
-        await (await disk.write(0, b"\x01" * 4096))
-        await server.pipeline.drain()
-        await wait_for(lambda: server.applied_seq("d") == 1, "write 1 applied")
+        await _first_write_applied(server, disk)
         for seq in range(2, 4):
             await (await disk.write(4096 * seq, bytes([seq]) * 4096))
         await server.pipeline.drain()
