@@ -70,7 +70,8 @@ def _default_out() -> Path:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def main() -> None:
     """blockferry's benchmark: a process server in its own process, agents over TLS in generator processes,
-    the machine's ceiling (lz4 + AES-GCM, no I/O) and borg over the same bytes, all in the same run.
+    the machine's ceiling (lz4 + AES-GCM, no I/O), the floor (every step of an acknowledged byte, in C:
+    what any implementation could at most do here) and borg over the same bytes, all in the same run.
 
     \b
       python -m bench quick                  the short suite (what `make bench` runs; < 3 minutes)
@@ -84,7 +85,7 @@ def _common(f):  # the options every run subcommand shares (a click decorator st
         click.option("--out", type=click.Path(path_type=Path), default=None,
                      help="Output directory for result.json, report.md and the plots [bench-results/<time>]."),
         click.option("--phases", default=None,
-                     help="Comma-separated subset of: ceiling,borg,max,open,drain,scaling [all]."),
+                     help="Comma-separated subset of: ceiling,floor,borg,max,open,drain,scaling [all]."),
         click.option("--agents", type=int, default=None, help="Agents (TLS connections) in the main phases [8]."),
         click.option("--disks", "disks_per_agent", type=int, default=None, help="Disks per agent [2]."),
         click.option("--profile", "profile_text", default="random64k",
@@ -124,9 +125,9 @@ def _common(f):  # the options every run subcommand shares (a click decorator st
                      help="Scaling offered load as a fraction of the measured maximum."),
         click.option("--scaling-rate", type=float, default=None, help="Scaling offered load in MB/s (overrides)."),
         click.option("--sample", "sample_size", default=None,
-                     help="Bytes the ceiling and borg process (the same bytes for both) [1GiB; quick 256MiB]."),
+                     help="Bytes the ceiling, the floor and borg process (the same bytes) [1GiB; quick 256MiB]."),
         click.option("--ceiling-seconds", type=float, default=None,
-                     help="Minimum ceiling measurement time [5; quick 2]."),
+                     help="Minimum ceiling (and floor) measurement time [5; quick 2]."),
         click.option("--set", "settings", multiple=True,
                      help="Server config override section.key=value (repeatable), e.g. --set batch.linger_ms=2; "
                           "reported with the results."),

@@ -18,6 +18,31 @@ import lz4.block
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 MB = 1e6
+AAD = bytes(96)  # about the size of a blob header (the engine authenticates its header as AAD)
+
+
+class BatchSealer:
+    """lz4, then AES-256-GCM into one output buffer kept for good; a batch lz4 cannot shrink is stored raw,
+    as the engine stores it. One per thread (the buffer is the thread's): the ceiling and the floor
+    (bench/floor.py) both seal this way, so that they measure the same work."""
+
+    def __init__(self, aead: AESGCM, largest: int) -> None:
+        self._aead = aead
+        self._out = memoryview(bytearray(largest + 64))  # lz4 can grow incompressible input a little
+
+    def seal(self, batch: bytes, counter: int) -> tuple[memoryview, bool]:
+        """The sealed batch (a view of the buffer, valid until the next call) and whether it is compressed."""
+        packed = lz4.block.compress(batch, store_size=False)
+        compressed = len(packed) < len(batch)
+        payload = packed if compressed else batch
+        sealed = self._out[:len(payload) + 16]
+        self._aead.encrypt_into(self.nonce(counter), payload, AAD, sealed)
+        return sealed, compressed
+
+    @staticmethod
+    def nonce(counter: int) -> bytes:
+        """The GCM nonce ``seal(batch, counter)`` used."""
+        return counter.to_bytes(12, "little")
 
 
 def measure_ceiling(batches: list[bytes], threads: int, min_seconds: float = 3.0) -> dict:
@@ -26,7 +51,6 @@ def measure_ceiling(batches: list[bytes], threads: int, min_seconds: float = 3.0
         raise ValueError("no bytes to measure the ceiling on")
     threads = max(1, threads)
     aead = AESGCM(os.urandom(32))
-    aad = bytes(96)  # about the size of a blob header (the engine authenticates its header as AAD)
     largest = max(len(b) for b in batches)
     sample_bytes = sum(len(b) for b in batches)
     compressed = [0]
@@ -34,21 +58,16 @@ def measure_ceiling(batches: list[bytes], threads: int, min_seconds: float = 3.0
     lock = threading.Lock()
 
     def work(tid: int, rounds: int, counts: list[int]) -> None:
-        out = bytearray(largest + 64)  # lz4 can grow incompressible input a little; we store those raw
-        view = memoryview(out)
-        nonce = bytearray(12)
+        sealer = BatchSealer(aead, largest)
         done = 0
         c_total = s_total = 0
         for r in range(rounds):
             for i in range(tid, len(batches), threads):
                 batch = batches[i]
-                packed = lz4.block.compress(batch, store_size=False)
-                payload = packed if len(packed) < len(batch) else batch
-                nonce[:8] = (r * len(batches) + i).to_bytes(8, "little")
-                aead.encrypt_into(bytes(nonce), payload, aad, view[:len(payload) + 16])
+                sealed, _ = sealer.seal(batch, r * len(batches) + i)
                 done += len(batch)
                 if r == 0:
-                    c_total += len(payload) + 16
+                    c_total += len(sealed)
                     s_total += len(batch)
         counts[tid] = done
         if rounds and c_total:

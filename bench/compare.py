@@ -50,10 +50,12 @@ def _get_list(d: dict, *path: str) -> list:
 def metrics(result: dict) -> list[Metric]:
     out: list[Metric] = [
         ("engine / ceiling", lambda r: _get(r, "ratios", "engine_over_ceiling"), True, ".3f"),
+        ("engine / floor's bound", lambda r: _get(r, "ratios", "engine_over_floor_bound"), True, ".3f"),
         ("engine / borg", lambda r: _get(r, "ratios", "engine_over_borg"), True, ".2f"),
         ("applied capacity / max ingest", lambda r: _get(r, "ratios", "applied_capacity_over_max_ingest"), True, ".2f"),
         ("1000 / 10 agents", lambda r: _get(r, "ratios", "scaling_1000_over_10"), True, ".2f"),
         ("ceiling MB/s", lambda r: _get(r, "ceiling", "mbps"), True, ".0f"),
+        ("floor's bound MB/s", lambda r: _get(r, "floor", "bound_acked_mbps"), True, ".0f"),
         ("borg MB/s", lambda r: _get(r, "borg", "mbps"), True, ".0f"),
         ("drain applied MB/s", lambda r: _get(r, "drain", "applied_mbps"), True, ".1f"),
     ]

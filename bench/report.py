@@ -71,6 +71,36 @@ def _threads_note(threads: dict | None, shown: int = 8) -> str:
     return "; threads (cores on a CPU / waiting for one): " + ", ".join(parts)
 
 
+def _floor_line(floor: dict, engine_share: float | None, ceiling: dict | None) -> str:
+    """What the floor measured, step by step, and what it allows."""
+    steps = ", ".join(f"{name} {value:.2f}" for name, value in floor["cpu_s_per_gb"].items())
+    share = f"; the engine acknowledged {engine_share:.2f}× of it" if engine_share is not None else ""
+    of_ceiling = (f" = {floor['bound_acked_mbps'] / ceiling['mbps']:.2f}× the ceiling"
+                  if ceiling and ceiling.get("mbps") else "")
+    return (f"- **floor**: at most **{floor['bound_acked_mbps']:.0f} MB/s** acknowledged on {floor['cores']} cores"
+            f"{of_ceiling}{share} ({floor['cpu_s_per_gb_acked']:.2f} CPU s/GB); "
+            f"{floor['bound_applied_mbps']:.0f} MB/s with the applier keeping up, "
+            f"{floor['bound_server_alone_mbps']:.0f} MB/s with the agents on other machines — {floor['what']}; "
+            f"CPU s/GB per step: {steps}; {floor['tls']}, {floor['write_bytes'] // 1024} KiB writes")
+
+
+def _unattainable(result: dict) -> list[str]:
+    """Throughput targets the floor puts beyond any implementation on this machine, each with its figures."""
+    bound = (result.get("floor") or {}).get("bound_acked_mbps")
+    if not bound:
+        return []
+    out = []
+    ceiling = (result.get("ceiling") or {}).get("mbps")
+    if ceiling and 0.6 * ceiling > bound:
+        out.append(f"- acknowledged ingest ≥ 0.6 × the ceiling needs {0.6 * ceiling:.0f} MB/s: more than the floor "
+                   f"allows on this machine ({bound:.0f} MB/s, {bound / ceiling:.2f}× the ceiling).")
+    borg = (result.get("borg") or {}).get("mbps")
+    if borg and 2 * borg > bound:
+        out.append(f"- acknowledged ingest ≥ 2 × borg needs {2 * borg:.0f} MB/s: more than the floor allows on this "
+                   f"machine ({bound:.0f} MB/s).")
+    return ["Not attainable here by any implementation (the floor, below):", "", *out, ""] if out else []
+
+
 def _met(met: bool | None) -> str:
     return {True: "yes", False: "**no**", None: "not measured"}[met]
 
@@ -100,6 +130,7 @@ def markdown(result: dict, plots: dict[str, str] | None = None) -> str:
         lines.append(f"| {t['target']} | {value} | {t['direction']} {t['limit']:g}{'×' if unit == '×' else ' ' + unit} "
                      f"| {_met(t['met'])} |")
     lines.append("")
+    lines += _unattainable(result)
 
     if result.get("errors"):
         lines += ["## Phases that failed", ""]
@@ -107,11 +138,14 @@ def markdown(result: dict, plots: dict[str, str] | None = None) -> str:
         lines.append("")
 
     ceiling, borg = result.get("ceiling"), result.get("borg")
-    lines += ["## Ceiling and peer (same bytes, same run)", ""]
+    lines += ["## Ceiling, floor and peer (same bytes, same run)", ""]
     if ceiling:
         lines.append(f"- **ceiling**: {ceiling['mbps']:.0f} MB/s — {ceiling['what']}, {ceiling['threads']} thread(s), "
                      f"{ceiling['sample_bytes'] / MiB:.0f} MiB sample in {ceiling['batches']} batches, "
                      f"compression ratio {ceiling['compression_ratio']:.2f}")
+    if result.get("floor"):
+        lines.append(_floor_line(result["floor"], (result.get("ratios") or {}).get("engine_over_floor_bound"),
+                                 ceiling))
     if borg:
         if borg.get("mbps"):
             lines.append(f"- **borg**: {borg['mbps']:.0f} MB/s — {borg.get('version')}, `borg create --compression "

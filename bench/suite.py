@@ -7,6 +7,8 @@ result come from the same run.
 Phases (``--phases``):
 
 ``ceiling``  lz4 + AES-GCM over the sample, engine's seal-thread count, no I/O
+``floor``    every step an acknowledged byte takes, in C on one thread: what any implementation could at
+             most do here (agent checksum and TLS, server TLS, checksum, log and seal, applier)
 ``borg``     borg create --compression lz4 (repokey) over the same sample
 ``max``      closed loop: the maximum acknowledged throughput
 ``open``     open loop at fractions of that maximum (``--open-loads``) or at given MB/s (``--open-rate``)
@@ -33,6 +35,7 @@ from bench import SCHEMA
 from bench.borg import measure_borg
 from bench.ceiling import measure_ceiling
 from bench.drain import run_drain
+from bench.floor import measure_floor
 from bench.loadgen import disk_seeds, plan_agents
 from bench.phases import PhaseSpec, run_phase
 from bench.profiles import Profile, sample_batches
@@ -43,7 +46,7 @@ from engine.config import parse_config
 MB = 1e6
 MiB = 1024 * 1024
 GiB = 1024 * MiB
-ALL_PHASES = ("ceiling", "borg", "max", "open", "drain", "scaling")
+ALL_PHASES = ("ceiling", "floor", "borg", "max", "open", "drain", "scaling")
 
 
 @dataclass
@@ -163,8 +166,8 @@ def run_suite(opts: SuiteOptions) -> dict:
                      pyspy_dir=opts.out / "profiles" if opts.pyspy else None, server_env=opts.server_env,
                      wait_for="applied" if config_for(opts.overrides).applier.enabled else "stored")
 
-    # ---- the same bytes, for the ceiling and borg
-    if "ceiling" in opts.phases or "borg" in opts.phases:
+    # ---- the same bytes, for the ceiling, the floor and borg
+    if {"ceiling", "floor", "borg"} & set(opts.phases):
         say(f"[bold]sample[/]: {opts.sample_bytes / MiB:.0f} MiB of the '{opts.profile.name}' stream "
             f"({opts.profile.mix[0]:.0%} random / {opts.profile.mix[1]:.0%} text / {opts.profile.mix[2]:.0%} zeros)")
         plans = plan_agents([AgentCreds(f"x{i}", "") for i in range(opts.agents)], opts.disks_per_agent)
@@ -178,6 +181,13 @@ def run_suite(opts: SuiteOptions) -> dict:
             if ceiling:
                 result["ceiling"] = ceiling
                 say(f"  ceiling {ceiling['mbps']:.0f} MB/s")
+        if "floor" in opts.phases:
+            say("[bold]floor[/]: every step of an acknowledged byte, in C, on one thread …")
+            floor = attempt("floor", lambda: measure_floor(batches, opts.ceiling_seconds))
+            if floor:
+                result["floor"] = floor
+                say(f"  {floor['cpu_s_per_gb_acked']:.2f} CPU s/GB: at most {floor['bound_acked_mbps']:.0f} MB/s "
+                    f"acknowledged on {floor['cores']} cores")
         if "borg" in opts.phases:
             say("[bold]borg[/]: borg create --compression lz4 into a repokey repository …")
             b = attempt("borg", lambda: measure_borg(batches, work / "borg"))
@@ -266,10 +276,15 @@ def _get(d: dict | None, *path: str) -> object:
 def ratios(result: dict) -> dict:
     max_mbps = _get(result, "phases", "max", "acked_mbps")
     ceiling = _get(result, "ceiling", "mbps")
+    bound = _get(result, "floor", "bound_acked_mbps")
     borg = _get(result, "borg", "mbps")
     drain = _get(result, "drain", "applied_mbps")
     return {
         "engine_over_ceiling": max_mbps / ceiling if max_mbps and ceiling else None,
+        # how much of what any implementation could acknowledge here the engine does, and the highest
+        # engine / ceiling any implementation could show here
+        "engine_over_floor_bound": max_mbps / bound if max_mbps and bound else None,
+        "floor_bound_over_ceiling": bound / ceiling if bound and ceiling else None,
         "engine_over_borg": max_mbps / borg if max_mbps and borg else None,
         "applied_capacity_over_max_ingest": drain / max_mbps if drain and max_mbps else None,
         "scaling_1000_over_10": _get(result, "scaling", "ratio_1000_over_10"),

@@ -15,6 +15,7 @@ import pytest
 
 from bench.ceiling import measure_ceiling
 from bench.compare import compare
+from bench.floor import STEPS, measure_floor
 from bench.loadgen import disk_seeds, plan_agents
 from bench.phases import PhaseSpec, release_space, run_phase
 from bench.profiles import parse_profile, sample_batches
@@ -71,12 +72,21 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert sum(len(b) for b in batches) >= 8 * MiB
     ceiling = measure_ceiling(batches, threads=2, min_seconds=0.2)
     assert ceiling["mbps"] > 0 and ceiling["compression_ratio"] > 1.0
+    # and the floor: every step an acknowledged byte takes, each timed alone
+    floor = measure_floor(batches, min_seconds=0.2, cores=2)
+    assert floor["bytes"] >= sum(len(b) for b in batches[:1]) and set(floor["cpu_s_per_gb"]) == set(STEPS)
+    assert all(cost > 0 for cost in floor["cpu_s_per_gb"].values())
+    assert floor["bound_acked_mbps"] == pytest.approx(2 / floor["cpu_s_per_gb_acked"] * 1000)
+    assert floor["bound_applied_mbps"] < floor["bound_acked_mbps"]  # the applier's work comes on top
+    assert floor["tls"].startswith("TLSv1.3")  # the engine's own contexts negotiated it
 
     # ratios, targets and the reports are computed from these figures without error
-    result = {"phases": {"max": r}, "ceiling": ceiling, "borg": {"available": False, "mbps": None}}
+    result = {"phases": {"max": r}, "ceiling": ceiling, "floor": floor, "borg": {"available": False, "mbps": None}}
     result["ratios"] = ratios(result)
     result["targets"] = targets(result)
     assert result["ratios"]["engine_over_ceiling"] == r["acked_mbps"] / ceiling["mbps"]
+    assert result["ratios"]["engine_over_floor_bound"] == r["acked_mbps"] / floor["bound_acked_mbps"]
+    assert result["ratios"]["floor_bound_over_ceiling"] == floor["bound_acked_mbps"] / ceiling["mbps"]
     assert result["ratios"]["engine_over_borg"] is None  # no borg, no number
     step = {"agents": 2, "acked_mbps": 10.0, "stored_mbps": 4.0, "carried": 1.0, "latency": r["latency"],
             "server_peak_rss": r["server_peak_rss"], "server_cpu_s_per_gb": 1.0, "window_per_agent": MiB,
@@ -85,6 +95,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     result["scaling"] = {"offered_mbps": 10.0, "steps": [step]}
     text = markdown(json.loads(json.dumps(result, default=str)))
     assert "| max | closed |" in text and "borg**: no figure" in text
+    assert f"at most **{floor['bound_acked_mbps']:.0f} MB/s** acknowledged on 2 cores" in text
     assert "threads (cores on a CPU / waiting for one): serve:" in text
     step_lines = [line for line in text.splitlines() if line.startswith("- 2 agents: threads (cores on a CPU")]
     assert len(step_lines) == 1 and "serve:loop " in step_lines[0], "each step says who waited for a CPU"
@@ -96,6 +107,25 @@ def test_bench_smoke(tmp_path: Path) -> None:
     changed = [row for row in compare(result, faster) if row["change"]]
     assert [(row["metric"], row["change"], row["better"]) for row in changed if "acked" in row["metric"]] == [
         ("max: acked MB/s", 1.0, True)], changed
+
+
+def test_the_report_names_the_throughput_targets_no_implementation_can_reach_here() -> None:
+    """Only where the measured floor's bound is below what a target needs, with both figures."""
+    profile = parse_profile("random64k", pool_bytes=4 * MiB)
+    batches = sample_batches(profile, disk_seeds(plan_agents([AgentCreds("x0", "")], 1)), 4 * MiB, MiB, 64 * MiB)
+    floor = measure_floor(batches, min_seconds=0.1, cores=2)
+    ceiling = measure_ceiling(batches, threads=2, min_seconds=0.1)
+    bound = floor["bound_acked_mbps"]
+    within = {"floor": floor, "ceiling": {**ceiling, "mbps": bound}}
+    beyond = {"floor": floor, "ceiling": {**ceiling, "mbps": 2 * bound}}
+    assert "Not attainable" not in markdown(within)
+    text = markdown(beyond)
+    assert (f"- acknowledged ingest ≥ 0.6 × the ceiling needs {1.2 * bound:.0f} MB/s: more than the floor allows "
+            f"on this machine ({bound:.0f} MB/s, 0.50× the ceiling).") in text
+    assert "× borg" not in text  # no borg figure, no claim about it
+    with_borg = markdown({**beyond, "borg": {"mbps": bound, "version": "borg 1", "bytes": MiB, "seconds": 1.0,
+                                            "cpu_s": 1.0}})
+    assert f"- acknowledged ingest ≥ 2 × borg needs {2 * bound:.0f} MB/s: more than the floor allows" in with_borg
 
 
 def test_a_byte_budget_ends_the_window_when_it_is_sent(tmp_path: Path) -> None:
