@@ -7,8 +7,8 @@ result come from the same run.
 Phases (``--phases``):
 
 ``ceiling``  lz4 + AES-GCM over the sample, engine's seal-thread count, no I/O
-``floor``    every step an acknowledged byte takes, in C on one thread: what any implementation could at
-             most do here (agent checksum and TLS, server TLS, checksum, log and seal, applier)
+``floor``    every step an acknowledged byte takes, in C on one thread: what this design, and any
+             implementation, could sustain here at most (agent and server TLS, checksums, log, seal, applier)
 ``borg``     borg create --compression lz4 (repokey) over the same sample
 ``max``      closed loop: the maximum acknowledged throughput
 ``open``     open loop at fractions of that maximum (``--open-loads``) or at given MB/s (``--open-rate``)

@@ -15,7 +15,7 @@ import pytest
 
 from bench.ceiling import measure_ceiling
 from bench.compare import compare
-from bench.floor import STEPS, measure_floor
+from bench.floor import measure_floor
 from bench.loadgen import disk_seeds, plan_agents
 from bench.phases import PhaseSpec, release_space, run_phase
 from bench.profiles import parse_profile, sample_batches
@@ -74,10 +74,10 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert ceiling["mbps"] > 0 and ceiling["compression_ratio"] > 1.0
     # and the floor: every step an acknowledged byte takes, each timed alone
     floor = measure_floor(batches, min_seconds=0.2, cores=2)
-    assert floor["bytes"] >= sum(len(b) for b in batches[:1]) and set(floor["cpu_s_per_gb"]) == set(STEPS)
     assert all(cost > 0 for cost in floor["cpu_s_per_gb"].values())
     assert floor["bound_acked_mbps"] == pytest.approx(2 / floor["cpu_s_per_gb_acked"] * 1000)
-    assert floor["bound_applied_mbps"] < floor["bound_acked_mbps"]  # the applier's work comes on top
+    # the steps the mission requires are a part of this design's; the applier's work comes on top
+    assert floor["bound_applied_mbps"] < floor["bound_acked_mbps"] < floor["bound_required_mbps"]
     assert floor["tls"].startswith("TLSv1.3")  # the engine's own contexts negotiated it
 
     # ratios, targets and the reports are computed from these figures without error
@@ -95,7 +95,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     result["scaling"] = {"offered_mbps": 10.0, "steps": [step]}
     text = markdown(json.loads(json.dumps(result, default=str)))
     assert "| max | closed |" in text and "borg**: no figure" in text
-    assert f"at most **{floor['bound_acked_mbps']:.0f} MB/s** acknowledged on 2 cores" in text
+    assert f"this design sustains at most **{floor['bound_acked_mbps']:.0f} MB/s** acknowledged on 2 cores" in text
     assert "threads (cores on a CPU / waiting for one): serve:" in text
     step_lines = [line for line in text.splitlines() if line.startswith("- 2 agents: threads (cores on a CPU")]
     assert len(step_lines) == 1 and "serve:loop " in step_lines[0], "each step says who waited for a CPU"
@@ -109,23 +109,32 @@ def test_bench_smoke(tmp_path: Path) -> None:
         ("max: acked MB/s", 1.0, True)], changed
 
 
-def test_the_report_names_the_throughput_targets_no_implementation_can_reach_here() -> None:
-    """Only where the measured floor's bound is below what a target needs, with both figures."""
+def test_the_report_names_the_throughput_targets_the_floor_puts_out_of_reach() -> None:
+    """Only where the measured floor's bound is below what a target needs, saying whose bound it is."""
     profile = parse_profile("random64k", pool_bytes=4 * MiB)
     batches = sample_batches(profile, disk_seeds(plan_agents([AgentCreds("x0", "")], 1)), 4 * MiB, MiB, 64 * MiB)
     floor = measure_floor(batches, min_seconds=0.1, cores=2)
     ceiling = measure_ceiling(batches, threads=2, min_seconds=0.1)
-    bound = floor["bound_acked_mbps"]
-    within = {"floor": floor, "ceiling": {**ceiling, "mbps": bound}}
-    beyond = {"floor": floor, "ceiling": {**ceiling, "mbps": 2 * bound}}
-    assert "Not attainable" not in markdown(within)
-    text = markdown(beyond)
-    assert (f"- acknowledged ingest ≥ 0.6 × the ceiling needs {1.2 * bound:.0f} MB/s: more than the floor allows "
-            f"on this machine ({bound:.0f} MB/s, 0.50× the ceiling).") in text
+    design, anyone = floor["bound_acked_mbps"], floor["bound_required_mbps"]
+
+    def report(ceiling_mbps: float | None, borg_mbps: float | None = None) -> str:
+        result = {"phases": {}, "floor": floor, "ceiling": {**ceiling, "mbps": ceiling_mbps} if ceiling_mbps else None,
+                  "borg": {"mbps": borg_mbps, "version": "borg 1", "bytes": MiB, "seconds": 1.0, "cpu_s": 1.0}}
+        result["ratios"] = ratios(result)
+        result["targets"] = targets(result)
+        return markdown(result)
+
+    assert "Out of reach" not in report(design)  # 0.6 × the ceiling is within this design's bound
+    assert "Out of reach" not in report(None)  # no ceiling, no claim
+    between = (design + anyone) / 2
+    assert (f"- acknowledged ingest ≥ 0.6 × the ceiling needs {between:.0f} MB/s sustained: more than this design "
+            f"can do on this machine (the floor: at most {design:.0f} MB/s).") in report(between / 0.6)
+    text = report(2.5 * anyone)
+    assert (f"- acknowledged ingest ≥ 0.6 × the ceiling needs {1.5 * anyone:.0f} MB/s sustained: more than any "
+            f"implementation on these libraries can do on this machine (the floor: at most {anyone:.0f} MB/s).") in text
     assert "× borg" not in text  # no borg figure, no claim about it
-    with_borg = markdown({**beyond, "borg": {"mbps": bound, "version": "borg 1", "bytes": MiB, "seconds": 1.0,
-                                            "cpu_s": 1.0}})
-    assert f"- acknowledged ingest ≥ 2 × borg needs {2 * bound:.0f} MB/s: more than the floor allows" in with_borg
+    assert (f"- acknowledged ingest ≥ 2 × borg needs {2 * design:.0f} MB/s sustained: more than any implementation on"
+            in report(None, borg_mbps=design)) == (2 * design > anyone)
 
 
 def test_a_byte_budget_ends_the_window_when_it_is_sent(tmp_path: Path) -> None:
