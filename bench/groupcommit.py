@@ -32,7 +32,7 @@ def _whole(volume: LocalVolume, group: GroupCommit) -> None:
 
 
 def _undo_entry(volume: LocalVolume, group: GroupCommit) -> None:
-    volume._put_entry(group.entry_name, group.encode_entry(volume._read_ranges(group.ranges)))
+    volume._put_entry(group.entry_name, group.encode_entry(volume._read_images(group.ranges)))
 
 
 def _state(volume: LocalVolume, group: GroupCommit) -> None:
@@ -65,8 +65,8 @@ def _groups(disks: int, groups: int, writes: int, payload: memoryview) -> list[t
     return planned
 
 
-def _encoder(name: EntryName, ranges: list[tuple[int, int]]) -> Callable[[list[bytes]], bytes]:
-    return lambda before: UndoEntry(name, ranges, before, []).encode()
+def _encoder(name: EntryName, ranges: list[tuple[int, int]]) -> Callable[[bytes | bytearray], bytes]:
+    return lambda images: UndoEntry(name, ranges, images, []).encode()
 
 
 def _machine_ms_per_group(root: Path, part: Part, planned: list[tuple[int, GroupCommit]], disks: int) -> float:

@@ -447,7 +447,7 @@ class Applier:
                         last_source_us=max(d.state.last_source_us, name.source_us),
                         applied_bytes=d.state.applied_bytes + written)
         entry_size = await d.volume.commit_group(GroupCommit(  # 2.–4.
-            str(name), ranges, lambda before: UndoEntry(name, ranges, before, tags).encode(self._compress_map),
+            str(name), ranges, lambda images: UndoEntry(name, ranges, images, tags).encode(self._compress_map),
             writes, state))
         d.entries.append(name)
         d.state = state

@@ -81,28 +81,45 @@ Mapper = Callable[[Callable[[memoryview], bytes], Iterable[memoryview]], Iterabl
 class UndoEntry:
     name: EntryName
     ranges: list[tuple[int, int]]  # (offset, length), sorted and disjoint
-    before: list[bytes | memoryview]  # one before-image per range
+    # The before-images of ``ranges``, back to back: what the applier reads them into and what the format
+    # stores (compressed in chunks), so neither side joins or splits a copy of them.
+    images: bytes | bytearray | memoryview
     tags: list[EntryTag] = field(default_factory=list)
+
+    @property
+    def before(self) -> list[memoryview]:
+        """One before-image per range (views of ``images``)."""
+        view, out, at = memoryview(self.images), [], 0
+        for _, length in self.ranges:
+            out.append(view[at:at + length])
+            at += length
+        return out
 
     def encode(self, mapper: Mapper = map) -> bytes:
         """Serialise; the before-images are lz4-compressed in independent chunks of ``CHUNK`` bytes.
 
         ``mapper`` runs the chunk compressions: the builtin ``map``, or an executor's
         ``map`` so a multi-MiB entry is compressed on every core (lz4 releases the GIL).
+        The entry is put together in one copy: its CRC is taken piece by piece.
         """
         meta = [RANGE.pack(o, n) for o, n in self.ranges]
         for tag in self.tags:
             tag_id = tag.tag_id.encode()
             meta.append(TAG.pack(tag.seq, tag.kind, len(tag_id)) + tag_id)
-        raw = memoryview(b"".join(self.before))
+        raw = memoryview(self.images)
+        if len(raw) != sum(length for _, length in self.ranges):
+            raise ValueError(f"undo entry {self.name}: {len(raw)} bytes of before-images for ranges of "
+                             f"{sum(length for _, length in self.ranges)}")
         chunks = list(mapper(_compress, [raw[i:i + CHUNK] for i in range(0, len(raw), CHUNK)]))
         table = [CHUNK_ENTRY.pack(min(CHUNK, len(raw) - i * CHUNK), len(c)) for i, c in enumerate(chunks)]
-        body = b"".join([*meta, *table, *chunks])
+        body = [*meta, *table, *chunks]
         n = self.name
         fields = (UNDO_MAGIC, UNDO_VERSION, 0, n.seq_from, n.seq_to, n.source_us, n.recorded_us,
-                  len(self.ranges), len(self.tags), len(chunks), len(body))
-        crc = crc32(body, crc32(UNDO_HEADER.pack(*fields, 0)[:-4]))  # header and body, but the CRC
-        return UNDO_HEADER.pack(*fields, crc) + body
+                  len(self.ranges), len(self.tags), len(chunks), sum(len(piece) for piece in body))
+        crc = crc32(UNDO_HEADER.pack(*fields, 0)[:-4])  # header and body, but the CRC
+        for piece in body:
+            crc = crc32(piece, crc)
+        return b"".join([UNDO_HEADER.pack(*fields, crc), *body])
 
     @classmethod
     def decode(cls, data: bytes | memoryview, name: EntryName) -> UndoEntry:
@@ -152,14 +169,10 @@ class UndoEntry:
         for raw_size, stored in sizes:
             pieces.append(lz4.block.decompress(body[pos:pos + stored], uncompressed_size=raw_size))
             pos += stored
-        raw = memoryview(b"".join(pieces))
-        if pos != len(body) or len(raw) != sum(length for _, length in ranges):
+        images = b"".join(pieces)
+        if pos != len(body) or len(images) != sum(length for _, length in ranges):
             raise ValueError("ranges and chunks do not add up to the entry's size")
-        before, at = [], 0
-        for _, length in ranges:
-            before.append(raw[at:at + length])
-            at += length
-        return cls(name, ranges, before, tags)
+        return cls(name, ranges, images, tags)
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,7 +46,7 @@ def test_merge_ranges_covers_exactly_the_union(ext: list[tuple[int, int]]) -> No
 def test_entries_round_trip(images: list[bytes], tags: list[tuple]) -> None:
     name = EntryName(4, 9, False, 1, 2)
     ranges = [(i * 10_000, len(img)) for i, img in enumerate(images)]
-    entry = UndoEntry(name, ranges, images, [EntryTag(*t) for t in tags])
+    entry = UndoEntry(name, ranges, b"".join(images), [EntryTag(*t) for t in tags])
     decoded = UndoEntry.decode(entry.encode(), name)
     assert decoded.ranges == ranges and [bytes(b) for b in decoded.before] == images
     assert decoded.tags == entry.tags
@@ -54,7 +54,7 @@ def test_entries_round_trip(images: list[bytes], tags: list[tuple]) -> None:
 
 def test_large_entries_are_chunked_and_a_pool_gives_identical_bytes() -> None:
     image = bytes(range(256)) * (3 * CHUNK // 256 + 7)
-    entry = UndoEntry(EntryName(0, 1, True, 5, 6, "t"), [(0, len(image))], [image])
+    entry = UndoEntry(EntryName(0, 1, True, 5, 6, "t"), [(0, len(image))], image)
     with ThreadPoolExecutor(2) as pool:
         assert entry.encode(pool.map) == entry.encode()
     assert bytes(UndoEntry.decode(entry.encode(), entry.name).before[0]) == image
@@ -64,7 +64,7 @@ def test_large_entries_are_chunked_and_a_pool_gives_identical_bytes() -> None:
 @given(st.data())
 def test_any_flipped_byte_is_detected(data: st.DataObject) -> None:
     name = EntryName(1, 2, False, 3, 4)
-    encoded = bytearray(UndoEntry(name, [(0, 1024)], [bytes(range(256)) * 4], []).encode())
+    encoded = bytearray(UndoEntry(name, [(0, 1024)], bytes(range(256)) * 4, []).encode())
     position = data.draw(st.integers(0, len(encoded) - 1))
     encoded[position] ^= 0x01
     with pytest.raises(LogBlobError):
@@ -73,6 +73,6 @@ def test_any_flipped_byte_is_detected(data: st.DataObject) -> None:
 
 def test_an_entry_under_another_name_is_refused() -> None:
     name = EntryName(1, 2, False, 3, 4)
-    data = UndoEntry(name, [], [], []).encode()
+    data = UndoEntry(name, [], b"", []).encode()
     with pytest.raises(LogBlobError, match="does not match its name"):
         UndoEntry.decode(data, EntryName(1, 3, False, 3, 4))

@@ -31,7 +31,7 @@ from engine.keys import KeyRing
 from engine.recovery.azure_volume import AzureVolumes
 from engine.recovery.failover import commit, failover
 from engine.recovery.points import PointNotFound
-from engine.recovery.volume import LocalVolumes, VolumeBroken
+from engine.recovery.volume import LocalVolume, LocalVolumes, VolumeBroken
 from engine.store import LocalStore
 from engine.store.base import StoreError
 from protocol import TagKind
@@ -171,6 +171,20 @@ def test_every_retained_point_recovers_the_model_on_azure(operations: list[tuple
                                                           seed_container: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(run(operations, Path(tmp), (azurite, seed_container)))
+
+
+async def test_before_images_are_read_back_to_back_with_zeros_for_holes_and_past_the_end(tmp_path: Path) -> None:
+    """The undo entry compresses them straight from this buffer: a byte out of place would roll back wrong."""
+    volume = LocalVolume(tmp_path, "d")
+    try:
+        data = os.urandom(4096)
+        os.pwrite(volume._fd, data, 8192)  # a hole, then 4 KiB of data; the image ends at 12 KiB
+        ranges = [(0, 4096), (8192, 4096), (10240, 4096)]
+        images = volume._read_images(ranges)
+        assert bytes(images) == bytes(4096) + data + data[2048:] + bytes(2048)
+        assert volume._read_ranges(ranges) == [bytes(4096), data, data[2048:] + bytes(2048)]
+    finally:
+        await volume.close()
 
 
 async def test_overlapping_blobs_apply_each_sequence_once(tmp_path: Path) -> None:

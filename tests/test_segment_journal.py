@@ -30,7 +30,7 @@ from protocol.journal import DELETED_MAGIC, RECORD_HEADER, SEGMENT_SUFFIX, Entry
 def entry(seq_from: int, seq_to: int, size: int = 3000) -> tuple[str, bytes]:
     name = EntryName(seq_from, seq_to, False, seq_to * 10, seq_to * 100)
     before = bytes([seq_to % 251]) * 512 + os.urandom(size)
-    return str(name), UndoEntry(name, [(seq_from * 65536, len(before))], [before]).encode()
+    return str(name), UndoEntry(name, [(seq_from * 65536, len(before))], before).encode()
 
 
 def chain(count: int, size: int = 3000) -> list[tuple[str, bytes]]:

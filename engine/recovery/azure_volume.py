@@ -663,7 +663,7 @@ class AzureVolume:
         """Step by step: each is its own set of requests, and the event loop is where they wait."""
         await self.ensure_size(group.state.disk_size)
         before = await self.read_ranges(group.ranges)
-        entry = await asyncio.to_thread(group.encode_entry, before)
+        entry = await asyncio.to_thread(lambda: group.encode_entry(b"".join(before)))
         await self.put_entry(group.entry_name, entry)
         await self.write_ranges(group.writes)
         await self.flush()
