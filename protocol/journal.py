@@ -106,7 +106,7 @@ class UndoEntry:
         for tag in self.tags:
             tag_id = tag.tag_id.encode()
             meta.append(TAG.pack(tag.seq, tag.kind, len(tag_id)) + tag_id)
-        raw = memoryview(self.images)
+        raw = memoryview(self.images).cast("B")  # lengths and slices in bytes, whatever view was given
         if len(raw) != sum(length for _, length in self.ranges):
             raise ValueError(f"undo entry {self.name}: {len(raw)} bytes of before-images for ranges of "
                              f"{sum(length for _, length in self.ranges)}")
