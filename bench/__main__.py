@@ -70,8 +70,8 @@ def _default_out() -> Path:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def main() -> None:
     """blockferry's benchmark: a process server in its own process, agents over TLS in generator processes,
-    the machine's ceiling (lz4 + AES-GCM, no I/O), the floor (every step of an acknowledged byte, in C:
-    what any implementation could at most do here) and borg over the same bytes, all in the same run.
+    the machine's ceiling (lz4 + AES-GCM, no I/O), the floor (every step of an acknowledged byte, in C: the
+    most this design, or any, could sustain here) and borg over the same bytes, all in the same run.
 
     \b
       python -m bench quick                  the short suite (what `make bench` runs; < 3 minutes)

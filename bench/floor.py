@@ -10,7 +10,7 @@ ssl module's memory BIOs, zlib-ng, lz4, AES-GCM) and nothing else: no Python per
 no copies into files, no undo journal. ``cores / (their CPU seconds per GB)`` is therefore more than can
 be sustained here: by this design with all its steps, and by any implementation with only those the
 mission requires (TLS at both ends and the seal). The engine is measured against the first; the second
-is the highest engine / ceiling ratio this machine allows anyone.
+is the highest engine / ceiling ratio this machine allows anyone on these libraries and this TLS cipher.
 """
 
 from __future__ import annotations

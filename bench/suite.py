@@ -281,8 +281,8 @@ def ratios(result: dict) -> dict:
     drain = _get(result, "drain", "applied_mbps")
     return {
         "engine_over_ceiling": max_mbps / ceiling if max_mbps and ceiling else None,
-        # how much of what any implementation could acknowledge here the engine does, and the highest
-        # engine / ceiling any implementation could show here
+        # the engine's share of what this design could acknowledge here without any overhead, and that
+        # bound as a multiple of the ceiling (the highest engine / ceiling this design could show here)
         "engine_over_floor_bound": max_mbps / bound if max_mbps and bound else None,
         "floor_bound_over_ceiling": bound / ceiling if bound and ceiling else None,
         "engine_over_borg": max_mbps / borg if max_mbps and borg else None,
