@@ -225,6 +225,23 @@ def _read_config(fd: int) -> tuple[Config, int]:
     return config, level
 
 
+class _Report:
+    """What the applier process tells serve: JSON lines down the pipe, buffered by the transport (never
+    blocking the loop). Once the pipe is gone — serve killed, or closed first — nothing is reported any
+    more: the write would raise inside an apply group's listener and fail that disk's group, while this
+    process is about to see its stdin's EOF and stop anyway."""
+
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
+        self._transport = transport
+
+    def send(self, message: dict[str, object]) -> None:
+        if not self._transport.is_closing():
+            self._transport.write(json.dumps(message).encode() + b"\n")
+
+    def close(self) -> None:
+        self._transport.close()
+
+
 async def _child(config: Config, report_fd: int) -> None:
     from engine.applier_service import ApplierService
 
@@ -232,24 +249,21 @@ async def _child(config: Config, report_fd: int) -> None:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the server decides
-    report, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(report_fd, "wb", buffering=0))
-
-    def send(message: dict[str, object]) -> None:
-        report.write(json.dumps(message).encode() + b"\n")  # buffered by the transport: never blocks the loop
+    report = _Report((await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(report_fd, "wb", buffering=0)))[0])
 
     # serve alerts on the whole path (this process reports what it applies): alerting here too would double them
     service = ApplierService(config, f"blockferry serve ({ROLE} {os.getppid()})", alerts=False)
     await service.start(wait_while=orphaned, run=False)  # the server's first wake-up starts it (see below)
     applier = service.applier
     assert applier is not None
-    applier.applied_listeners.append(lambda disk, seq: send({"disk": disk, "applied": seq}))
-    applier.failure_listeners.append(lambda failure: send({"disk": failure.disk, "failed": failure.reason}))
-    applier.committed_listeners.append(lambda disk: send({"disk": disk, "committed": True}))
+    applier.applied_listeners.append(lambda disk, seq: report.send({"disk": disk, "applied": seq}))
+    applier.failure_listeners.append(lambda failure: report.send({"disk": failure.disk, "failed": failure.reason}))
+    applier.committed_listeners.append(lambda disk: report.send({"disk": disk, "committed": True}))
     for disk, d in applier.disks.items():
-        send({"disk": disk, "applied": applier.applied_seq(disk)})
+        report.send({"disk": disk, "applied": applier.applied_seq(disk)})
         if d.state.committed_failover:
-            send({"disk": disk, "committed": True})
-    send({"ready": os.getpid()})
+            report.send({"disk": disk, "committed": True})
+    report.send({"ready": os.getpid()})
 
     def on_wake() -> None:
         if not os.read(0, 4096):  # EOF: the server closed us or died

@@ -29,7 +29,8 @@ from support import (
 
 from engine.agent import AgentError
 from engine.applier import ApplierLock, ApplierLocked
-from engine.applier_process import ROLE, ApplierProcessError
+from engine.aio import run_loop
+from engine.applier_process import ROLE, ApplierProcessError, _Report
 from engine.applier_service import ApplierService
 from engine.disks import DiskInfo
 from engine.monitor import DiskHealth
@@ -313,3 +314,25 @@ def test_a_stopped_disk_is_reported_failed_until_it_applies_again() -> None:
     assert stream.apply_failure is not None
     stream.note_applied(5)
     assert stream.apply_failure is None and stream.applied_seq == 5
+
+
+def test_a_report_to_a_server_that_is_gone_is_dropped_not_raised_into_the_apply() -> None:
+    """serve killed while its applier process applies: the next report used to raise (uvloop: 'the handler
+    is closed') inside the apply group's listener, failing the disk's group with a traceback in serve's log."""
+    read_end, write_end = os.pipe()
+
+    async def report_then_lose_the_server() -> bytes:
+        loop = asyncio.get_running_loop()  # serve's and the applier process's loop (uvloop where installed)
+        transport, _ = await loop.connect_write_pipe(asyncio.Protocol, os.fdopen(write_end, "wb", buffering=0))
+        report = _Report(transport)
+        report.send({"disk": "d", "applied": 1})
+        await asyncio.sleep(0.05)
+        received = os.read(read_end, 4096)
+        os.close(read_end)  # the server is gone
+        report.send({"disk": "d", "applied": 2})  # the pipe breaks under this one
+        await asyncio.sleep(0.05)
+        report.send({"disk": "d", "applied": 3})  # and this one finds it closed
+        report.close()
+        return received
+
+    assert json.loads(run_loop(report_then_lose_the_server())) == {"disk": "d", "applied": 1}
