@@ -187,6 +187,59 @@ def assert_replays(directory: Path, appended: list[list[bytes | memoryview]]) ->
     assert [bytes(s.records) for s in replayed] == [b"".join(pieces[1:]) for pieces in appended]
 
 
+class StalledLog(WriteAheadLog):
+    """A real log whose first append waits for the test: what is logged meanwhile queues for the next commit."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory, WalSealer(KEY))
+        self.release = threading.Event()
+        self.appends = 0
+
+    def append(self, pieces: list[bytes | memoryview], last_seqs: dict[str, int]) -> tuple[int, ChunkPlace]:
+        self.appends += 1
+        if self.appends == 1:
+            self.release.wait(10)
+        return super().append(pieces, last_seqs)
+
+
+async def test_the_committer_commits_every_record_once_and_in_order_behind_a_stalled_commit(tmp_path: Path) -> None:
+    """The event loop queues records with no lock while the commit thread is busy: each must reach exactly
+    one chunk, each disk's in sequence order, and a commit must be a disk's records first to last."""
+    wal = StalledLog(tmp_path / "wal")
+    commits: list[list[tuple[str, int, int, int]]] = []
+    committer = engine.wal.GroupCommitter(
+        wal, asyncio.get_running_loop(),
+        lambda logged, *_: commits.append([(e.disk, e.first_seq, e.last_seq, e.records) for e in logged]),
+        lambda exc, retry_s: None, retry_delays=lambda: itertools.repeat(0.01))
+
+    def log(disk: str, seq: int) -> None:
+        pieces = [write_record_header(seq, 0, 0, 512), bytes([seq % 256]) * 512]
+        committer.log(disk, 1 << 20, seq, pieces, sum(map(len, pieces)), 512)
+
+    log("a", 1)
+    await wait_for(lambda: wal.appends == 1, "the first commit's append")
+    for seq in range(2, 301):  # all while that commit is stalled, in bursts the commit thread may cut anywhere
+        log("a", seq)
+        log("b", seq - 1)
+        if seq % 50 == 0:
+            wal.release.set()
+            await asyncio.sleep(0.001)
+    await wait_for(lambda: sum(records for commit in commits for *_, records in commit) == 300 + 299,
+                   "every record committed")
+    await asyncio.to_thread(committer.close)
+    seen: dict[str, list[int]] = {"a": [], "b": []}
+    for commit in commits:
+        assert len({disk for disk, *_ in commit}) == len(commit), "one entry per disk in a commit"
+        for disk, first, last, records in commit:
+            assert records == last - first + 1
+            seen[disk] += range(first, last + 1)
+    assert seen == {"a": list(range(1, 301)), "b": list(range(1, 300))}
+    replayed: dict[str, list[int]] = {"a": [], "b": []}
+    for sec in WriteAheadLog(tmp_path / "wal", WalSealer(KEY)).replay(keys, {}):
+        replayed[sec.disk] += range(sec.first_seq, sec.last_seq + 1)
+    assert replayed == seen
+
+
 def test_a_chunk_larger_than_the_stream_buffer_reads_back() -> None:
     """Pieces that straddle the sealer's buffer, one larger than it, and a buffer filled exactly."""
     straddling = section([os.urandom(700 * 1024), os.urandom(STREAM_BUFFER * 5 // 2), os.urandom(1000)])
