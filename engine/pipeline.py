@@ -598,7 +598,7 @@ class Pipeline:
 
     def _log(self, stream: DiskStream, seq: int, pieces: Pieces, size: int) -> None:
         assert self._committer is not None, "Pipeline.start() first"
-        self._committer.log(stream.info.disk, stream.info.size, seq, pieces, sum(map(len, pieces)), size)
+        self._committer.log(stream.info.disk, stream.info.size, seq, pieces, size)
         self.unlogged_bytes += size
         self.unlogged_records += 1
 

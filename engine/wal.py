@@ -25,7 +25,6 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -413,39 +412,26 @@ class GroupCommitter:
         self._on_committed = on_committed
         self._on_error = on_error
         self._retry_delays = retry_delays
-        self._cond = threading.Condition()  # wakes the thread; the queue itself takes no lock
-        self._queue: deque[tuple[str, int, int, Sequence[bytes | memoryview], int, int]] = deque()
+        self._cond = threading.Condition()
+        self._pending: dict[str, Logged] = {}
         self._waking = False  # a wake-up is scheduled on the loop
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="wal-commit", daemon=True)
         self._thread.start()
 
-    def log(self, disk: str, disk_size: int, seq: int, pieces: Sequence[bytes | memoryview], size: int,
-            payload_bytes: int) -> None:
-        """Queue a record (``size`` bytes in ``pieces``) for the next commit. Why a deque and no lock: this
-        runs for every frame, and the lock the commit thread also took made the event loop wait for it, and
-        then for the GIL, when the thread held it: 4 % of the loop's samples at 1000 agents
-        (docs/benchmarks.md). A deque's append and popleft are atomic; the commit thread groups the records."""
-        self._queue.append((disk, disk_size, seq, pieces, size, payload_bytes))
-        if not self._waking:  # soon, not now: the rest of this socket read joins the same commit
-            self._waking = True
-            self._loop.call_soon(self._wake)
-
-    def _take(self) -> list[Logged]:
-        """The commit thread: what was queued when it looked, one entry per disk, its records in the order
-        logged (what the loop queues meanwhile waits for the next commit, as it did behind the old swap)."""
-        pending: dict[str, Logged] = {}
-        for _ in range(len(self._queue)):  # the only consumer: none of these pops can find it empty
-            disk, disk_size, seq, pieces, size, payload_bytes = self._queue.popleft()
-            logged = pending.get(disk)
+    def log(self, disk: str, disk_size: int, seq: int, pieces: Sequence[bytes | memoryview], payload_bytes: int) -> None:
+        with self._cond:
+            logged = self._pending.get(disk)
             if logged is None:
-                logged = pending[disk] = Logged(disk, disk_size, seq)
+                logged = self._pending[disk] = Logged(disk, disk_size, seq)
             logged.last_seq = seq
             logged.records += 1
             logged.pieces += pieces
-            logged.size += size
+            logged.size += sum(map(len, pieces))
             logged.payload_bytes += payload_bytes
-        return list(pending.values())
+        if not self._waking:  # soon, not now: the rest of this socket read joins the same commit
+            self._waking = True
+            self._loop.call_soon(self._wake)
 
     def _wake(self) -> None:
         self._waking = False
@@ -458,18 +444,17 @@ class GroupCommitter:
             self._closing = True
             self._cond.notify()
         self._thread.join()
-        self._queue.clear()  # never acknowledged; the views would keep their receive buffers
         self.wal.close()
 
     def _run(self) -> None:
         name_os_thread()
         while True:
             with self._cond:
-                while not self._queue and not self._closing:
+                while not self._pending and not self._closing:
                     self._cond.wait()
                 if self._closing:
                     return
-            logged = self._take()
+                logged, self._pending = list(self._pending.values()), {}
             pieces: list[bytes | memoryview] = []
             offset = 0
             for entry in logged:

@@ -28,8 +28,8 @@ from support import (
 )
 
 from engine.agent import AgentError
-from engine.applier import ApplierLock, ApplierLocked
 from engine.aio import run_loop
+from engine.applier import ApplierLock, ApplierLocked
 from engine.applier_process import ROLE, ApplierProcessError, _Report
 from engine.applier_service import ApplierService
 from engine.disks import DiskInfo

@@ -203,8 +203,8 @@ class StalledLog(WriteAheadLog):
 
 
 async def test_the_committer_commits_every_record_once_and_in_order_behind_a_stalled_commit(tmp_path: Path) -> None:
-    """The event loop queues records with no lock while the commit thread is busy: each must reach exactly
-    one chunk, each disk's in sequence order, and a commit must be a disk's records first to last."""
+    """The event loop logs records while the commit thread is busy: each must reach exactly one chunk, each
+    disk's in sequence order, and a commit must hold a disk's records first to last."""
     wal = StalledLog(tmp_path / "wal")
     commits: list[list[tuple[str, int, int, int]]] = []
     committer = engine.wal.GroupCommitter(
@@ -214,7 +214,7 @@ async def test_the_committer_commits_every_record_once_and_in_order_behind_a_sta
 
     def log(disk: str, seq: int) -> None:
         pieces = [write_record_header(seq, 0, 0, 512), bytes([seq % 256]) * 512]
-        committer.log(disk, 1 << 20, seq, pieces, sum(map(len, pieces)), 512)
+        committer.log(disk, 1 << 20, seq, pieces, 512)
 
     log("a", 1)
     await wait_for(lambda: wal.appends == 1, "the first commit's append")
