@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from engine.threads import name_os_thread
+from engine.threads import named_pool
 
 T = TypeVar("T")
 
@@ -24,6 +23,5 @@ def run_loop(coro: Coroutine[Any, Any, T]) -> T:
 async def _with_named_executor(coro: Coroutine[Any, Any, T]) -> T:
     """The loop's default executor (``to_thread``, ``run_in_executor(None, …)``: file and directory syncs,
     store calls) as asyncio would make it, but with threads the kernel knows by name (``io_N``)."""
-    asyncio.get_running_loop().set_default_executor(
-        ThreadPoolExecutor(thread_name_prefix="io", initializer=name_os_thread))
+    asyncio.get_running_loop().set_default_executor(named_pool(None, "io"))
     return await coro

@@ -27,7 +27,6 @@ import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from engine.recovery.points import Point, PointNotFound, points_of, prune_horizo
 from engine.recovery.volume import GroupCommit, SeedState, SeedVolume, VolumeBroken
 from engine.store import CacheStore
 from engine.store.base import StoreError
-from engine.threads import name_os_thread
+from engine.threads import named_pool
 from protocol import LogBlobError, TagKind
 from protocol.journal import EntryName, EntryTag, UndoEntry, merge_ranges
 from protocol.logblob import (
@@ -127,10 +126,9 @@ class Applier:
         self.committed_listeners: list[Callable[[str], None]] = []  # a failover of this disk was committed
         self.stats = ApplierStats()
         self.first_seen: dict[str, dict[str, int]] = {}  # disk → pending blob → when this applier first saw it
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="apply", initializer=name_os_thread)
+        self._executor = named_pool(threads, "apply")
         # journal chunks are compressed here, not in _executor, whose thread waits for them
-        self._compressor = ThreadPoolExecutor(os.cpu_count() or 2, thread_name_prefix="journal-lz4",
-                                              initializer=name_os_thread)
+        self._compressor = named_pool(os.cpu_count() or 2, "journal-lz4")
         self._wake = asyncio.Event()
         self._pass_lock = asyncio.Lock()  # one pass at a time: a disk is never applied by two tasks
         self._slots = asyncio.Semaphore(APPLY_SLOTS)

@@ -24,7 +24,6 @@ import random
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -38,7 +37,7 @@ from engine.nonces import RandomNonces
 from engine.spool import Spool, SpooledBlob, UploadWatermarks
 from engine.store import CacheStore
 from engine.store.base import StoreError, UntrustedBlobFiles
-from engine.threads import name_os_thread
+from engine.threads import named_pool
 from engine.wal import SEGMENT_BYTES, ChunkPlace, GroupCommitter, Logged, LogRange, WriteAheadLog
 from protocol import SECTOR_SIZE, ErrorCode, LogBlobError, RemoteProtocolError, Tag, Write
 from protocol.logblob import (
@@ -276,11 +275,9 @@ class Pipeline:
         self.track_applied = False  # keep DiskStream.unapplied (serve sets it when its applier is a child process)
         self.applied_seqs: dict[str, int] = {}  # disk → applied sequence its applier process last reported
         self.stats = PipelineStats()
-        self._executor = ThreadPoolExecutor(config.seal_threads, thread_name_prefix="seal",
-                                            initializer=name_os_thread)
+        self._executor = named_pool(config.seal_threads, "seal")
         self._spare_buffers = 2 * config.seal_threads  # sealed-blob buffers kept for reuse (per blob: no os calls)
-        self._spool_executor = ThreadPoolExecutor(SPOOL_IO_THREADS, thread_name_prefix="spool",
-                                                  initializer=name_os_thread)
+        self._spool_executor = named_pool(SPOOL_IO_THREADS, "spool")
         self._buffers: queue.SimpleQueue[bytearray] = queue.SimpleQueue()  # sealed-blob buffers to reuse
         self._gathered = ThreadBuffer()  # each seal thread's records of the batch it seals
         self._nonces = RandomNonces()

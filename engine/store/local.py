@@ -8,7 +8,6 @@ import os
 import shutil
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiofiles.os
@@ -16,7 +15,7 @@ import aiofiles.os
 from engine.filepool import FilePool
 from engine.fsutil import WritebackError, fsync_dir, sync_data
 from engine.store.base import UntrustedBlobFiles
-from engine.threads import name_os_thread
+from engine.threads import named_pool
 from protocol.frames import disk_id_problem
 from protocol.logblob import BLOB_SUFFIX, blob_name, parse_blob_name
 
@@ -30,8 +29,7 @@ class LocalStore:
         self.fsync = fsync
         self.pool = pool
         self._copy = False  # set once a hard link failed across file systems: every blob is copied then
-        self._syncs = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="store-sync",
-                                         initializer=name_os_thread)  # threads start on use
+        self._syncs = named_pool(SYNC_THREADS, "store-sync")  # threads start on use
         # one round at a time links and syncs directories: see _put_files
         self._naming = threading.Lock()
         root.mkdir(parents=True, exist_ok=True)
